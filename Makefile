@@ -1,0 +1,36 @@
+# Every target sets itself up: a virtual environment in .venv with the project installed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: install train test test-slow lint format app bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip >/dev/null
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)            ## the main job: train on the built-in dataset, then test
+	$(BIN)/python train.py $(ARGS)
+
+test: $(STAMP)             ## fast test tier (CPU, no network, a few minutes)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-slow: $(STAMP)        ## end-to-end tier
+	$(BIN)/python -m pytest -m slow $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,57 @@
+"""Evaluate a checkpoint: `python evaluate.py ckpt_path=x.ckpt [split=test] [decode.beam_size=3]`."""
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from captioning.cli import run_safely
+from captioning.datamodule import CaptionDataModule
+from captioning.evaluation import caption_dataset, summary
+from captioning.inference import load_model
+from captioning.metrics import score_corpus
+from captioning.report import write_report
+
+log = logging.getLogger("evaluate")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.paths.output_dir)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cm = load_model(cfg.ckpt_path, device=device)
+    data_cfg = (OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None
+                else cm.meta["data"]["config"])
+    dm = CaptionDataModule(data_cfg, cache_dir=cfg.paths.cache_dir, preprocess=cm.preprocess,
+                           vocab=cm.vocab)
+    dataset = dm.dataset(cfg.split)
+    batch_size = int(cfg.batch_size or data_cfg.get("eval_batch_size", 100))
+    d = cfg.decode
+    preds, refs, hyps = caption_dataset(cm, dataset, batch_size=batch_size, beam_size=d.beam_size,
+                                        max_len=d.max_len, length_penalty=d.length_penalty)
+    scores = score_corpus(preds, refs, meteor=bool(d.meteor), per_image=True)
+    per_image = scores.pop("per_image")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "predictions.json").write_text(
+        json.dumps([{"image_id": k, "caption": v} for k, v in preds.items()], indent=1))
+    (run_dir / "per_image_scores.json").write_text(json.dumps(per_image, indent=1))
+    out = {"checkpoint": str(cfg.ckpt_path), "split": cfg.split, "images": len(preds),
+           "decode": OmegaConf.to_container(d), "metrics": scores}
+    (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+    if cfg.report:
+        path = write_report(run_dir, cm, dataset, preds, refs, hyps, per_image,
+                            n=int(cfg.report_examples))
+        log.info("report: %s", path)
+    print(json.dumps({cfg.split: summary(scores)}, indent=2))
+    return scores
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_safely(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

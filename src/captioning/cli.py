@@ -1,0 +1,65 @@
+"""Glue shared by the Hydra entry points: instantiate the trainer, print user errors cleanly."""
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, UserError
+
+log = logging.getLogger("captioning")
+
+
+def run_safely(fn: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run an entry point; a user error prints one clear line and exits with status 2."""
+    try:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+    except ImportError:  # the app and scorer run without Lightning
+        MisconfigurationException = UserError  # noqa: N806
+    try:
+        return fn(cfg)
+    except (UserError, MisconfigurationException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def instantiate_all(cfg: Any):
+    """Trainer with its callbacks and loggers from the `trainer`, `callbacks`, `logger` groups."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    callbacks = {k: hydra.utils.instantiate(v) for k, v in (cfg.get("callbacks") or {}).items()
+                 if v is not None and "_target_" in v}
+    loggers = [hydra.utils.instantiate(v) for v in (cfg.get("logger") or {}).values()
+               if v is not None and "_target_" in v]
+    if not loggers:
+        callbacks.pop("lr_monitor", None)  # it needs a logger
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg.get("fast_dev_run"):
+        callbacks.pop("lr_monitor", None)
+    try:
+        trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False
+        )
+    except Exception as e:  # Hydra wraps the Trainer's own message about a bad value
+        cause = e.__cause__ or e
+        raise UserError(f"invalid trainer config: {cause}") from None
+    return trainer, callbacks
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`last` means this run directory's last.ckpt; anything else must exist."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        path = run_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise CheckpointError(
+                f"ckpt_path=last: no {path}; resume with hydra.run.dir=<the run's directory> "
+                "ckpt_path=last, or give the checkpoint's path"
+            )
+        return str(path)
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"checkpoint not found: {ckpt_path}")
+    return str(ckpt_path)

@@ -1,0 +1,178 @@
+"""LightningDataModule: any registered source -> vocabulary from train -> padded batches."""
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+
+from .data import load_splits
+from .data.images import ImageDecodeError, load_rgb, warn_skipped
+from .encoders import Preprocess
+from .errors import ConfigError, DataError
+from .transforms import make_transform
+from .vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+
+class CaptionDataset(Dataset):
+    """Rows of a `datasets.Dataset` as tensors.
+
+    Training yields one sample per (image, caption) pair; evaluation one per image with all its
+    references. Images that fail to decode are dropped up front (counted, one warning), so a
+    DataLoader worker never meets them.
+    """
+
+    def __init__(self, hf_ds, vocab: Vocab, preprocess: Preprocess, *, train: bool,
+                 preload: bool = False, name: str = ""):
+        self.ds = hf_ds
+        self.vocab = vocab
+        self.transform = make_transform(preprocess)
+        self.train = train
+        self.image_ids: list[str] = list(hf_ds["image_id"])
+        self.refs: list[list[str]] = [list(c) for c in hf_ds["captions"]]
+        self.images: Tensor | None = None
+        if preload:  # small datasets: decode once, keep (M, 3, S, S) in memory
+            self.images = self._preload(name)
+        encoded = [[torch.tensor(vocab.encode(c)) for c in refs] for refs in self.refs]
+        self.encoded = encoded
+        if train:
+            self.index = [(i, j) for i, caps in enumerate(encoded) for j in range(len(caps))]
+        else:
+            self.index = [(i, 0) for i in range(len(encoded))]
+
+    def _preload(self, name: str) -> Tensor:
+        xs, keep, failures = [], [], []
+        for i in range(len(self.ds)):
+            try:
+                xs.append(self.transform(load_rgb(self.ds[i]["image"])))
+                keep.append(i)
+            except ImageDecodeError as e:
+                failures.append((self.image_ids[i], str(e)))
+        if not keep:
+            raise DataError(f"none of the {len(self.ds)} images of {name} could be decoded")
+        if failures:
+            warn_skipped(failures, len(self.ds))
+            self.image_ids = [self.image_ids[i] for i in keep]
+            self.refs = [self.refs[i] for i in keep]
+        return torch.stack(xs)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _image(self, i: int) -> Tensor:
+        if self.images is not None:
+            return self.images[i]
+        return self.transform(load_rgb(self.ds[i]["image"]))
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i, j = self.index[k]
+        if self.train:
+            return {"image": self._image(i), "caption": self.encoded[i][j]}
+        return {
+            "image": self._image(i),
+            "caption": self.encoded[i][0],  # for the teacher-forced validation loss
+            "image_id": self.image_ids[i],
+            "refs": self.refs[i],
+        }
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int = Vocab.pad_id) -> dict[str, Any]:
+    """Stack images, pad captions to the longest in the batch (padding is masked, not sorted)."""
+    batch: dict[str, Any] = {
+        "images": torch.stack([s["image"] for s in samples]),  # (B, 3, S, S)
+        "captions": pad_sequence([s["caption"] for s in samples], batch_first=True,
+                                 padding_value=pad_id),  # (B, L)
+    }
+    if "image_id" in samples[0]:
+        batch["image_ids"] = [s["image_id"] for s in samples]
+        batch["refs"] = [s["refs"] for s in samples]
+    return batch
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Loads a source's splits once, builds the vocabulary from train, serves the loaders."""
+
+    def __init__(self, data: dict[str, Any], cache_dir: str, *,
+                 preprocess: Preprocess | None = None, seed: int = 0, vocab: Vocab | None = None):
+        super().__init__()
+        self.cfg = dict(data)
+        for key in ("name", "batch_size"):
+            if key not in self.cfg:
+                raise ConfigError(f"data config needs a {key!r} key")
+        self.preprocess = preprocess
+        self.cache_dir = str(Path(cache_dir).expanduser())
+        self.seed = seed
+        self.vocab = vocab
+        self.splits: dict[str, Any] | None = None
+        self.datasets: dict[str, CaptionDataset] = {}
+
+    def load(self) -> "CaptionDataModule":
+        """Build or load the splits and the vocabulary; safe to call more than once."""
+        if self.splits is None:
+            self.splits = load_splits(self.cfg["name"], cache_dir=self.cache_dir,
+                                      **dict(self.cfg.get("args") or {}))
+        if self.vocab is None:
+            train_caps = [c for caps in self.splits["train"]["captions"] for c in caps]
+            self.vocab = Vocab.build(train_caps, min_freq=int(self.cfg.get("min_word_freq", 1)),
+                                     max_len=int(self.cfg.get("max_caption_len", 20)))
+        return self
+
+    def info(self) -> dict[str, Any]:
+        """What the checkpoint records about the data it was trained on."""
+        self.load()
+        return {
+            "name": self.cfg["name"],
+            "args": dict(self.cfg.get("args") or {}),
+            "config": dict(self.cfg),
+            "sizes": {k: len(v) for k, v in self.splits.items()},
+            "vocab_size": len(self.vocab),
+        }
+
+    def dataset(self, split: str) -> CaptionDataset:
+        self.load()
+        if split not in self.splits:
+            raise ConfigError(f"unknown split {split!r}; valid choices: {', '.join(self.splits)}")
+        if self.preprocess is None:
+            raise RuntimeError("set the encoder's preprocessing before building datasets")
+        if split not in self.datasets:
+            self.datasets[split] = CaptionDataset(
+                self.splits[split], self.vocab, self.preprocess, train=split == "train",
+                preload=bool(self.cfg.get("preload", False)), name=f"{self.cfg['name']}/{split}",
+            )
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        workers = int(self.cfg.get("num_workers", 0))
+        bs = int(self.cfg["batch_size"] if train else self.cfg.get("eval_batch_size", 100))
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        return DataLoader(
+            self.dataset(split), batch_size=bs, shuffle=train, num_workers=workers,
+            collate_fn=collate, drop_last=False, generator=g if train else None,
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_seed_worker,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)

@@ -1,0 +1,181 @@
+"""LightningModule: plain hyperparameters in, builds the Captioner itself, scores generated captions."""
+
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .decoding import generate
+from .errors import ConfigError
+from .metrics import score_corpus
+from .model import build_captioner
+from .vocab import Vocab
+
+CHECKPOINT_FORMAT = 1  # bump when the "captioning" block of a checkpoint changes incompatibly
+
+METRIC_KEYS = {"BLEU-1": "bleu1", "BLEU-2": "bleu2", "BLEU-3": "bleu3", "BLEU-4": "bleu4",
+               "METEOR": "meteor", "ROUGE-L": "rouge_l", "CIDEr": "cider"}
+
+
+class CaptioningModule(L.LightningModule):
+    """Trains a Captioner with teacher forcing; validates on captions it generates."""
+
+    def __init__(
+        self,
+        encoder: dict[str, Any],
+        decoder: dict[str, Any],
+        vocab: dict[str, Any],
+        optim: dict[str, Any],
+        val_decode: dict[str, Any],
+        test_decode: dict[str, Any],
+        data_info: dict[str, Any] | None = None,
+        monitor: str = "val/bleu4",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.vocab = Vocab.from_dict(vocab)
+        self.model = build_captioner(encoder, decoder, len(self.vocab))
+        self.optim = dict(optim)
+        if monitor not in ("val/bleu4", "val/cider"):
+            raise ConfigError(f"monitor must be one of val/bleu4, val/cider; got {monitor!r}")
+        self.monitor = monitor
+        self._outputs: list[tuple[str, str, list[str]]] = []
+        self.best: float = -math.inf
+        self.test_predictions: dict[str, str] = {}
+        self.test_metrics: dict[str, float | None] = {}
+
+    # -- training ---------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        captions = batch["captions"]  # (B, L): <start> w1 .. wn <end> <pad>..
+        inputs, targets = captions[:, :-1], captions[:, 1:]  # (B, T) each
+        logits, alphas = self.model(batch["images"], inputs)  # (B, T, V), (B, T, N)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                             ignore_index=self.vocab.pad_id)
+        mask = (targets != self.vocab.pad_id).to(logits.dtype)  # (B, T)
+        reg = self.model.decoder.regularizer(alphas, mask) if alphas is not None else ce.new_zeros(())
+        return ce + reg, ce
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, ce = self.loss(batch)
+        bs = batch["captions"].size(0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/ce", ce, batch_size=bs)
+        return loss
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _generate(self, images: torch.Tensor, decode: dict[str, Any]) -> list[str]:
+        feats = self.model.encode(images)
+        beams = generate(
+            self.model.decoder, feats, beam_size=int(decode.get("beam_size", 1)),
+            start_id=self.vocab.start_id, end_id=self.vocab.end_id, pad_id=self.vocab.pad_id,
+            max_len=int(decode.get("max_len") or self.vocab.max_len),
+            length_penalty=float(decode.get("length_penalty", 1.0)),
+        )
+        return [self.vocab.decode(b[0].tokens) for b in beams]
+
+    def _eval_step(self, batch: dict[str, Any], decode: dict[str, Any], stage: str) -> None:
+        _, ce = self.loss(batch)
+        self.log(f"{stage}/loss", ce, batch_size=len(batch["image_ids"]), sync_dist=True)
+        captions = self._generate(batch["images"], decode)
+        self._outputs.extend(zip(batch["image_ids"], captions, batch["refs"], strict=True))
+
+    def _gather_and_score(self, meteor: bool) -> tuple[dict[str, str], dict[str, float | None]]:
+        outputs = self._outputs
+        self._outputs = []
+        if self.trainer.world_size > 1:  # every rank gets every caption
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, outputs)
+            outputs = [o for part in gathered for o in part]
+        # DistributedSampler pads the last batch with repeated images: count each image once.
+        preds, refs = {}, {}
+        for image_id, caption, image_refs in outputs:
+            preds[image_id], refs[image_id] = caption, image_refs
+        return preds, score_corpus(preds, refs, meteor=meteor)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.hparams.val_decode, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        _, scores = self._gather_and_score(meteor=False)
+        if self.trainer.sanity_checking:
+            return
+        values = {f"val/{METRIC_KEYS[k]}": v for k, v in scores.items() if v is not None}
+        self.log_dict(values, sync_dist=False)  # identical on every rank after the gather
+        current = values[self.monitor]
+        if math.isfinite(current):
+            self.best = max(self.best, current)
+        self.log(f"{self.monitor}_best", self.best)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.hparams.test_decode, "test")
+
+    def on_test_epoch_end(self) -> None:
+        preds, scores = self._gather_and_score(meteor=bool(self.hparams.test_decode.get("meteor", True)))
+        self.test_predictions, self.test_metrics = preds, scores
+        self.log_dict({f"test/{METRIC_KEYS[k]}": v for k, v in scores.items() if v is not None})
+
+    # -- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        groups = [{"params": [p for p in self.model.decoder.parameters() if p.requires_grad],
+                   "lr": float(o["decoder_lr"])}]
+        enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
+        if enc:
+            groups.append({"params": enc, "lr": float(o["encoder_lr"])})
+        optimizer = torch.optim.AdamW(groups, weight_decay=float(o.get("weight_decay", 0.0)))
+        name = o.get("scheduler", "cosine")
+        if name in (None, "none"):
+            return optimizer
+        if name == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warmup = min(int(o.get("warmup_steps", 0)), total // 2)
+            floor = float(o.get("min_lr_ratio", 0.05))
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress = (step - warmup) / max(1, total - warmup)
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if name == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=float(o.get("plateau_factor", 0.5)),
+                patience=int(o.get("plateau_patience", 2)))
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch"}}
+        raise ConfigError(f"unknown optim.scheduler {name!r}; valid choices: none, cosine, plateau")
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make the checkpoint describe itself, so it loads without Hydra or this config."""
+        h = self.hparams
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                   if isinstance(v, torch.Tensor) and v.numel() == 1}
+        checkpoint["captioning"] = {
+            "format": CHECKPOINT_FORMAT,
+            "encoder": dict(h.encoder),
+            "decoder": dict(h.decoder),
+            "vocab": self.vocab.to_dict(),
+            "preprocess": self.model.encoder.preprocess.to_dict(),
+            "data": dict(h.data_info or {}),
+            "metrics": metrics,
+            "monitor": self.monitor,
+            "code_version": code_version(),
+        }
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
