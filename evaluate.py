@@ -10,10 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import run_safely
 from captioning.datamodule import CaptionDataModule
-from captioning.evaluation import caption_dataset, summary
+from captioning.evaluation import caption_dataset, summary, write_report
 from captioning.inference import load_model
 from captioning.metrics import score_corpus
-from captioning.report import write_report
 
 log = logging.getLogger("evaluate")
 
@@ -30,7 +29,8 @@ def evaluate(cfg: DictConfig) -> dict:
     batch_size = int(cfg.batch_size or data_cfg.get("eval_batch_size", 100))
     d = cfg.decode
     preds, refs, hyps = caption_dataset(cm, dataset, batch_size=batch_size, beam_size=d.beam_size,
-                                        max_len=d.max_len, length_penalty=d.length_penalty)
+                                        max_len=d.max_len, length_penalty=d.length_penalty,
+                                        allow_unk=bool(d.get("allow_unk", False)))
     scores = score_corpus(preds, refs, meteor=bool(d.meteor), per_image=True)
     per_image = scores.pop("per_image")
     run_dir.mkdir(parents=True, exist_ok=True)

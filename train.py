@@ -31,7 +31,8 @@ def train(cfg: DictConfig) -> float | None:
         data_info=dm.info(),
         monitor=cfg.monitor,
     )
-    dm.preprocess = module.model.encoder.preprocess
+    if dm.use_feature_cache(module.model.encoder):
+        log.info("frozen encoder: training from cached features under %s", dm.cache_dir)
     log.info("data %s: %s, vocabulary %d words", dm.cfg["name"], dm.info()["sizes"], len(dm.vocab))
     trainer, callbacks = instantiate_all(cfg)
     trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))

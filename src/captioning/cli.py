@@ -22,6 +22,11 @@ def run_safely(fn: Callable[[Any], Any], cfg: Any) -> Any:
     except (UserError, MisconfigurationException) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        # Each multirun job must be its own W&B run, not a continuation of the previous one.
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
 
 
 def instantiate_all(cfg: Any):

@@ -1,11 +1,14 @@
 """LightningDataModule: any registered source -> vocabulary from train -> padded batches."""
 
+import hashlib
+import json
 import logging
 import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
@@ -13,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import load_splits
 from .data.images import ImageDecodeError, load_rgb, warn_skipped
-from .encoders import Preprocess
+from .encoders import Encoder, Preprocess
+from .features import cache_dir_for, cache_key, compute_features, load_features
 from .errors import ConfigError, DataError
 from .transforms import make_transform
 from .vocab import Vocab
@@ -29,8 +33,16 @@ class CaptionDataset(Dataset):
     DataLoader worker never meets them.
     """
 
-    def __init__(self, hf_ds, vocab: Vocab, preprocess: Preprocess, *, train: bool,
-                 preload: bool = False, name: str = ""):
+    def __init__(
+        self,
+        hf_ds,
+        vocab: Vocab,
+        preprocess: Preprocess,
+        *,
+        train: bool,
+        preload: bool = False,
+        name: str = "",
+    ):
         self.ds = hf_ds
         self.vocab = vocab
         self.transform = make_transform(preprocess)
@@ -38,6 +50,9 @@ class CaptionDataset(Dataset):
         self.image_ids: list[str] = list(hf_ds["image_id"])
         self.refs: list[list[str]] = [list(c) for c in hf_ds["captions"]]
         self.images: Tensor | None = None
+        self.features: np.ndarray | None = None  # (M, N, D) fp16, memory-mapped
+        # JPEG draft mode decodes big photos at a reduced scale, no smaller than needed.
+        self.target_size = preprocess.resize_size
         if preload:  # small datasets: decode once, keep (M, 3, S, S) in memory
             self.images = self._preload(name)
         encoded = [[torch.tensor(vocab.encode(c)) for c in refs] for refs in self.refs]
@@ -66,17 +81,29 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _image(self, i: int) -> Tensor:
+    def image_tensor(self, i: int) -> Tensor:
+        """The i-th image, preprocessed: (3, S, S)."""
         if self.images is not None:
             return self.images[i]
-        return self.transform(load_rgb(self.ds[i]["image"]))
+        return self.transform(load_rgb(self.ds[i]["image"], target_size=self.target_size))
+
+    def _input(self, i: int) -> dict[str, Tensor]:
+        if self.features is not None:  # cached region features of a frozen encoder: (N, D)
+            return {"feats": torch.from_numpy(np.asarray(self.features[i], dtype=np.float32))}
+        return {"image": self.image_tensor(i)}
+
+    def fingerprint(self) -> str:
+        """Identifies the split's images (for the feature cache key)."""
+        h = hashlib.sha1(json.dumps(self.image_ids).encode())
+        h.update(str(getattr(self.ds, "_fingerprint", "")).encode())
+        return h.hexdigest()[:16]
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i, j = self.index[k]
         if self.train:
-            return {"image": self._image(i), "caption": self.encoded[i][j]}
+            return {**self._input(i), "caption": self.encoded[i][j]}
         return {
-            "image": self._image(i),
+            **self._input(i),
             "caption": self.encoded[i][0],  # for the teacher-forced validation loss
             "image_id": self.image_ids[i],
             "refs": self.refs[i],
@@ -84,11 +111,19 @@ class CaptionDataset(Dataset):
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int = Vocab.pad_id) -> dict[str, Any]:
-    """Stack images, pad captions to the longest in the batch (padding is masked, not sorted)."""
-    batch: dict[str, Any] = {
-        "images": torch.stack([s["image"] for s in samples]),  # (B, 3, S, S)
-        "captions": pad_sequence([s["caption"] for s in samples], batch_first=True,
-                                 padding_value=pad_id),  # (B, L)
+    """Stack images (or cached features), pad captions to the longest in the batch.
+
+    Padding is masked in the loss, not sorted away.
+    """
+    batch: dict[str, Any] = {}
+    if "feats" in samples[0]:
+        batch["feats"] = torch.stack([s["feats"] for s in samples])  # (B, N, D)
+    else:
+        batch["images"] = torch.stack([s["image"] for s in samples])  # (B, 3, S, S)
+    batch |= {
+        "captions": pad_sequence(
+            [s["caption"] for s in samples], batch_first=True, padding_value=pad_id
+        ),  # (B, L)
     }
     if "image_id" in samples[0]:
         batch["image_ids"] = [s["image_id"] for s in samples]
@@ -99,8 +134,15 @@ def collate(samples: list[dict[str, Any]], pad_id: int = Vocab.pad_id) -> dict[s
 class CaptionDataModule(L.LightningDataModule):
     """Loads a source's splits once, builds the vocabulary from train, serves the loaders."""
 
-    def __init__(self, data: dict[str, Any], cache_dir: str, *,
-                 preprocess: Preprocess | None = None, seed: int = 0, vocab: Vocab | None = None):
+    def __init__(
+        self,
+        data: dict[str, Any],
+        cache_dir: str,
+        *,
+        preprocess: Preprocess | None = None,
+        seed: int = 0,
+        vocab: Vocab | None = None,
+    ):
         super().__init__()
         self.cfg = dict(data)
         for key in ("name", "batch_size"):
@@ -112,16 +154,52 @@ class CaptionDataModule(L.LightningDataModule):
         self.vocab = vocab
         self.splits: dict[str, Any] | None = None
         self.datasets: dict[str, CaptionDataset] = {}
+        self.encoder: Encoder | None = None  # set by use_feature_cache
+
+    def use_feature_cache(self, encoder: Encoder) -> bool:
+        """Train from cached features when the encoder is frozen (data.feature_cache: auto)."""
+        mode = self.cfg.get("feature_cache", "auto")
+        if mode not in ("auto", True, False):
+            raise ConfigError(f"data.feature_cache must be auto, true or false; got {mode!r}")
+        frozen = encoder.fine_tune == "none"
+        if mode is True and not frozen:
+            raise ConfigError(
+                "data.feature_cache=true needs a frozen encoder (encoder.fine_tune=none)"
+            )
+        self.encoder = encoder if (mode is True or (mode == "auto" and frozen)) else None
+        self.preprocess = encoder.preprocess
+        return self.encoder is not None
+
+    def _feature_dir(self, split: str) -> Path:
+        key = cache_key(self.encoder, self.dataset(split).fingerprint())
+        return cache_dir_for(self.cache_dir, key)
+
+    def prepare_data(self) -> None:
+        """On one process per machine: compute any missing cached features."""
+        if self.encoder is None:
+            return
+        for split in self.splits or self.load().splits:
+            compute_features(
+                self.encoder,
+                self.dataset(split),
+                self._feature_dir(split),
+                batch_size=int(self.cfg.get("eval_batch_size", 64)),
+                num_workers=int(self.cfg.get("num_workers", 0)),
+            )
 
     def load(self) -> "CaptionDataModule":
         """Build or load the splits and the vocabulary; safe to call more than once."""
         if self.splits is None:
-            self.splits = load_splits(self.cfg["name"], cache_dir=self.cache_dir,
-                                      **dict(self.cfg.get("args") or {}))
+            self.splits = load_splits(
+                self.cfg["name"], cache_dir=self.cache_dir, **dict(self.cfg.get("args") or {})
+            )
         if self.vocab is None:
             train_caps = [c for caps in self.splits["train"]["captions"] for c in caps]
-            self.vocab = Vocab.build(train_caps, min_freq=int(self.cfg.get("min_word_freq", 1)),
-                                     max_len=int(self.cfg.get("max_caption_len", 20)))
+            self.vocab = Vocab.build(
+                train_caps,
+                min_freq=int(self.cfg.get("min_word_freq", 1)),
+                max_len=int(self.cfg.get("max_caption_len", 20)),
+            )
         return self
 
     def info(self) -> dict[str, Any]:
@@ -143,13 +221,21 @@ class CaptionDataModule(L.LightningDataModule):
             raise RuntimeError("set the encoder's preprocessing before building datasets")
         if split not in self.datasets:
             self.datasets[split] = CaptionDataset(
-                self.splits[split], self.vocab, self.preprocess, train=split == "train",
-                preload=bool(self.cfg.get("preload", False)), name=f"{self.cfg['name']}/{split}",
+                self.splits[split],
+                self.vocab,
+                self.preprocess,
+                train=split == "train",
+                preload=bool(self.cfg.get("preload", False)),
+                name=f"{self.cfg['name']}/{split}",
             )
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
+        if self.encoder is not None:
+            for split in self.splits:
+                ds = self.dataset(split)
+                ds.features = load_features(self._feature_dir(split), ds.image_ids)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
@@ -157,9 +243,15 @@ class CaptionDataModule(L.LightningDataModule):
         g = torch.Generator()
         g.manual_seed(self.seed)
         return DataLoader(
-            self.dataset(split), batch_size=bs, shuffle=train, num_workers=workers,
-            collate_fn=collate, drop_last=False, generator=g if train else None,
-            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            self.dataset(split),
+            batch_size=bs,
+            shuffle=train,
+            num_workers=workers,
+            collate_fn=collate,
+            drop_last=False,
+            generator=g if train else None,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
             worker_init_fn=_seed_worker,
         )
 

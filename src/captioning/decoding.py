@@ -21,13 +21,21 @@ class Hypothesis:
     alphas: Tensor | None  # (L, N) attention over regions for each generated word
 
 
+def _ban(logp: Tensor, banned: tuple[int, ...]) -> Tensor:
+    """Words that may never be generated (e.g. <unk>): log-probability -inf."""
+    if banned:
+        logp[:, list(banned)] = float("-inf")
+    return logp
+
+
 def _select(xs: tuple[Tensor, ...], idx: Tensor) -> tuple[Tensor, ...]:
     return tuple(x.index_select(0, idx) for x in xs)
 
 
 @torch.no_grad()
 def greedy_search(
-    decoder: Decoder, feats: Tensor, *, start_id: int, end_id: int, max_len: int = 20
+    decoder: Decoder, feats: Tensor, *, start_id: int, end_id: int, max_len: int = 20,
+    banned: tuple[int, ...] = (),
 ) -> list[Hypothesis]:
     """Pick the most likely word at every step; at most `max_len` words, then <end>."""
     B = feats.size(0)
@@ -38,7 +46,7 @@ def greedy_search(
     done = torch.zeros(B, dtype=torch.bool, device=feats.device)
     for t in range(max_len + 1):
         logits, state, alpha = decoder.step(tokens, state, memory)
-        logp = logits.float().log_softmax(dim=-1)  # (B, V)
+        logp = _ban(logits.float().log_softmax(dim=-1), banned)  # (B, V)
         if t == max_len:  # the longest caption allowed: only <end> may follow
             best_lp, tokens = logp[:, end_id], torch.full_like(tokens, end_id)
         else:
@@ -78,6 +86,7 @@ def beam_search(
     pad_id: int = 0,
     max_len: int = 20,
     length_penalty: float = 1.0,
+    banned: tuple[int, ...] = (),
 ) -> list[list[Hypothesis]]:
     """Beam search for a batch of images at once; returns each image's beams, best first.
 
@@ -100,7 +109,7 @@ def beam_search(
     base = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
     for t in range(max_len + 1):
         logits, state, alpha = decoder.step(tokens, state, memory)
-        logp = logits.float().log_softmax(dim=-1)  # (B*K, V)
+        logp = _ban(logits.float().log_softmax(dim=-1), banned)  # (B*K, V)
         V = logp.size(-1)
         logp = logp.view(B, K, V)
         if t == max_len:  # only <end> may follow the longest caption allowed
@@ -160,12 +169,14 @@ def generate(
     pad_id: int = 0,
     max_len: int = 20,
     length_penalty: float = 1.0,
+    banned: tuple[int, ...] = (),
 ) -> list[list[Hypothesis]]:
     """Captions for a batch of region features: greedy for beam 1, else beam search."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if beam_size == 1:
-        hyps = greedy_search(decoder, feats, start_id=start_id, end_id=end_id, max_len=max_len)
+        hyps = greedy_search(decoder, feats, start_id=start_id, end_id=end_id, max_len=max_len,
+                             banned=banned)
         return [[h] for h in hyps]
     return beam_search(
         decoder,
@@ -176,4 +187,5 @@ def generate(
         pad_id=pad_id,
         max_len=max_len,
         length_penalty=length_penalty,
+        banned=banned,
     )

@@ -1,19 +1,23 @@
-"""Caption a dataset split with a loaded model and score it (no Lightning needed)."""
+"""Caption a dataset split with a loaded model, score it, report the best and worst captions."""
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from .data.images import load_rgb
 from .datamodule import CaptionDataset, collate
 from .decoding import Hypothesis
 from .inference import CaptionModel
+from .viz import attention_figure
 
 
 @torch.no_grad()
 def caption_dataset(
     cm: CaptionModel, dataset: CaptionDataset, *, batch_size: int = 100, beam_size: int = 3,
-    max_len: int | None = None, length_penalty: float = 1.0, num_workers: int = 0,
+    max_len: int | None = None, length_penalty: float = 1.0, allow_unk: bool = False,
+    num_workers: int = 0,
 ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, Hypothesis]]:
     """Best caption, references and best hypothesis (with attention) for every image."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
@@ -21,7 +25,8 @@ def caption_dataset(
     preds, refs, hyps = {}, {}, {}
     for batch in loader:
         beams = cm.caption_tensor(batch["images"].to(cm.device), beam_size=beam_size,
-                                  max_len=max_len, length_penalty=length_penalty)
+                                  max_len=max_len, length_penalty=length_penalty,
+                                  allow_unk=allow_unk)
         for image_id, image_refs, b in zip(batch["image_ids"], batch["refs"], beams, strict=True):
             preds[image_id] = cm.text(b[0])
             refs[image_id] = image_refs
@@ -39,3 +44,40 @@ def rank_examples(per_image: dict[str, dict[str, float]], key: str = "CIDEr",
 def summary(scores: dict[str, Any]) -> dict[str, Any]:
     """Round for printing; None (unavailable) stays None."""
     return {k: (None if v is None else round(float(v), 4)) for k, v in scores.items()}
+
+
+def write_report(run_dir: Path, cm: CaptionModel, dataset: CaptionDataset, preds: dict[str, str],
+                 refs: dict[str, list[str]], hyps: dict[str, Hypothesis],
+                 per_image: dict[str, dict[str, float]], n: int = 5) -> Path:
+    """Write report.md (+ report/*.png) beside the metrics; returns the Markdown path."""
+    fig_dir = run_dir / "report"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    best, worst = rank_examples(per_image, "CIDEr", n)
+    row_of = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+    lines = [f"# Evaluation report: {cm.meta.get('path', '')}", ""]
+    for title, ids in (("Best captions (per-image CIDEr-D)", best),
+                       ("Worst captions (per-image CIDEr-D)", worst)):
+        lines += [f"## {title}", ""]
+        for image_id in ids:
+            hyp = hyps[image_id]
+            image = load_rgb(dataset.ds[row_of[image_id]]["image"])
+            words = [cm.vocab.itos[t] for t in hyp.tokens]
+            name = f"{len(list(fig_dir.iterdir())):03d}.png"
+            attention_figure(image, words, hyp.alphas, cm.grid).save(fig_dir / name)
+            s = per_image[image_id]
+            lines += [
+                f"### {image_id}",
+                "",
+                f"**{preds[image_id]}**  (CIDEr-D {s.get('CIDEr', 0):.3f}, "
+                f"BLEU-4 {s.get('BLEU-4', 0):.3f})",
+                "",
+                f"![attention](report/{name})",
+                "",
+                "References:",
+                "",
+                *[f"- {r}" for r in refs[image_id]],
+                "",
+            ]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -71,12 +71,14 @@ class CaptionModel:
 
     @torch.no_grad()
     def caption_tensor(self, images: Tensor, beam_size: int = 3, max_len: int | None = None,
-                       length_penalty: float = 1.0) -> list[list[Hypothesis]]:
+                       length_penalty: float = 1.0, allow_unk: bool = False
+                       ) -> list[list[Hypothesis]]:
         feats = self.model.encode(images)  # (B, N, D)
         return generate(
             self.model.decoder, feats, beam_size=beam_size, start_id=self.vocab.start_id,
             end_id=self.vocab.end_id, pad_id=self.vocab.pad_id,
             max_len=max_len or self.vocab.max_len, length_penalty=length_penalty,
+            banned=self.vocab.banned(allow_unk),
         )
 
     def caption(self, images: list[Image.Image], **decode: Any) -> list[list[Hypothesis]]:

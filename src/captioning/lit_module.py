@@ -18,8 +18,15 @@ from .vocab import Vocab
 
 CHECKPOINT_FORMAT = 1  # bump when the "captioning" block of a checkpoint changes incompatibly
 
-METRIC_KEYS = {"BLEU-1": "bleu1", "BLEU-2": "bleu2", "BLEU-3": "bleu3", "BLEU-4": "bleu4",
-               "METEOR": "meteor", "ROUGE-L": "rouge_l", "CIDEr": "cider"}
+METRIC_KEYS = {
+    "BLEU-1": "bleu1",
+    "BLEU-2": "bleu2",
+    "BLEU-3": "bleu3",
+    "BLEU-4": "bleu4",
+    "METEOR": "meteor",
+    "ROUGE-L": "rouge_l",
+    "CIDEr": "cider",
+}
 
 
 class CaptioningModule(L.LightningModule):
@@ -49,15 +56,24 @@ class CaptioningModule(L.LightningModule):
         self.test_predictions: dict[str, str] = {}
         self.test_metrics: dict[str, float | None] = {}
 
+    def features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Region features (B, N, D): cached ones when the batch has them, else the encoder's."""
+        if "feats" in batch:
+            return batch["feats"]
+        return self.model.encode(batch["images"])
+
     # -- training ---------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         captions = batch["captions"]  # (B, L): <start> w1 .. wn <end> <pad>..
         inputs, targets = captions[:, :-1], captions[:, 1:]  # (B, T) each
-        logits, alphas = self.model(batch["images"], inputs)  # (B, T, V), (B, T, N)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                             ignore_index=self.vocab.pad_id)
+        logits, alphas = self.model.decoder(self.features(batch), inputs)  # (B,T,V), (B,T,N)
+        ce = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocab.pad_id
+        )
         mask = (targets != self.vocab.pad_id).to(logits.dtype)  # (B, T)
-        reg = self.model.decoder.regularizer(alphas, mask) if alphas is not None else ce.new_zeros(())
+        reg = (
+            self.model.decoder.regularizer(alphas, mask) if alphas is not None else ce.new_zeros(())
+        )
         return ce + reg, ce
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -68,20 +84,29 @@ class CaptioningModule(L.LightningModule):
         return loss
 
     # -- evaluation -------------------------------------------------------------------------
-    def _generate(self, images: torch.Tensor, decode: dict[str, Any]) -> list[str]:
-        feats = self.model.encode(images)
+    def _generate(self, feats: torch.Tensor, decode: dict[str, Any]) -> list[str]:
         beams = generate(
-            self.model.decoder, feats, beam_size=int(decode.get("beam_size", 1)),
-            start_id=self.vocab.start_id, end_id=self.vocab.end_id, pad_id=self.vocab.pad_id,
+            self.model.decoder,
+            feats,
+            beam_size=int(decode.get("beam_size", 1)),
+            start_id=self.vocab.start_id,
+            end_id=self.vocab.end_id,
+            pad_id=self.vocab.pad_id,
             max_len=int(decode.get("max_len") or self.vocab.max_len),
             length_penalty=float(decode.get("length_penalty", 1.0)),
+            banned=self.vocab.banned(bool(decode.get("allow_unk", False))),
         )
         return [self.vocab.decode(b[0].tokens) for b in beams]
 
     def _eval_step(self, batch: dict[str, Any], decode: dict[str, Any], stage: str) -> None:
-        _, ce = self.loss(batch)
+        feats = self.features(batch)
+        captions = batch["captions"]
+        logits, _ = self.model.decoder(feats, captions[:, :-1])
+        ce = F.cross_entropy(
+            logits.flatten(0, 1).float(), captions[:, 1:].flatten(), ignore_index=self.vocab.pad_id
+        )
         self.log(f"{stage}/loss", ce, batch_size=len(batch["image_ids"]), sync_dist=True)
-        captions = self._generate(batch["images"], decode)
+        captions = self._generate(feats, decode)
         self._outputs.extend(zip(batch["image_ids"], captions, batch["refs"], strict=True))
 
     def _gather_and_score(self, meteor: bool) -> tuple[dict[str, str], dict[str, float | None]]:
@@ -115,15 +140,21 @@ class CaptioningModule(L.LightningModule):
         self._eval_step(batch, self.hparams.test_decode, "test")
 
     def on_test_epoch_end(self) -> None:
-        preds, scores = self._gather_and_score(meteor=bool(self.hparams.test_decode.get("meteor", True)))
+        preds, scores = self._gather_and_score(
+            meteor=bool(self.hparams.test_decode.get("meteor", True))
+        )
         self.test_predictions, self.test_metrics = preds, scores
         self.log_dict({f"test/{METRIC_KEYS[k]}": v for k, v in scores.items() if v is not None})
 
     # -- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim
-        groups = [{"params": [p for p in self.model.decoder.parameters() if p.requires_grad],
-                   "lr": float(o["decoder_lr"])}]
+        groups = [
+            {
+                "params": [p for p in self.model.decoder.parameters() if p.requires_grad],
+                "lr": float(o["decoder_lr"]),
+            }
+        ]
         enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
         if enc:
             groups.append({"params": enc, "lr": float(o["encoder_lr"])})
@@ -143,21 +174,32 @@ class CaptioningModule(L.LightningModule):
                 return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
             sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": sched, "interval": "step"},
+            }
         if name == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", factor=float(o.get("plateau_factor", 0.5)),
-                patience=int(o.get("plateau_patience", 2)))
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch"}}
+                optimizer,
+                mode="max",
+                factor=float(o.get("plateau_factor", 0.5)),
+                patience=int(o.get("plateau_patience", 2)),
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": sched, "monitor": self.monitor, "interval": "epoch"},
+            }
         raise ConfigError(f"unknown optim.scheduler {name!r}; valid choices: none, cosine, plateau")
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make the checkpoint describe itself, so it loads without Hydra or this config."""
         h = self.hparams
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
-                   if isinstance(v, torch.Tensor) and v.numel() == 1}
+        metrics = {
+            k: float(v)
+            for k, v in self.trainer.callback_metrics.items()
+            if isinstance(v, torch.Tensor) and v.numel() == 1
+        }
         checkpoint["captioning"] = {
             "format": CHECKPOINT_FORMAT,
             "encoder": dict(h.encoder),
@@ -174,8 +216,13 @@ class CaptioningModule(L.LightningModule):
 def code_version() -> str:
     """Package version plus the git commit when run from a checkout."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
