@@ -19,30 +19,49 @@ log = logging.getLogger("evaluate")
 
 def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     cm = load_model(cfg.ckpt_path, device=device)
-    data_cfg = (OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None
-                else cm.meta["data"]["config"])
-    dm = CaptionDataModule(data_cfg, cache_dir=cfg.paths.cache_dir, preprocess=cm.preprocess,
-                           vocab=cm.vocab)
+    data_cfg = (
+        OmegaConf.to_container(cfg.data, resolve=True)
+        if cfg.data is not None
+        else cm.meta["data"]["config"]
+    )
+    dm = CaptionDataModule(
+        data_cfg, cache_dir=cfg.paths.cache_dir, preprocess=cm.preprocess, vocab=cm.vocab
+    )
     dataset = dm.dataset(cfg.split)
     batch_size = int(cfg.batch_size or data_cfg.get("eval_batch_size", 100))
     d = cfg.decode
-    preds, refs, hyps = caption_dataset(cm, dataset, batch_size=batch_size, beam_size=d.beam_size,
-                                        max_len=d.max_len, length_penalty=d.length_penalty,
-                                        allow_unk=bool(d.get("allow_unk", False)))
+    preds, refs, hyps = caption_dataset(
+        cm,
+        dataset,
+        batch_size=batch_size,
+        beam_size=d.beam_size,
+        max_len=d.max_len,
+        length_penalty=d.length_penalty,
+        allow_unk=bool(d.get("allow_unk", False)),
+    )
     scores = score_corpus(preds, refs, meteor=bool(d.meteor), per_image=True)
     per_image = scores.pop("per_image")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "predictions.json").write_text(
-        json.dumps([{"image_id": k, "caption": v} for k, v in preds.items()], indent=1))
+        json.dumps([{"image_id": k, "caption": v} for k, v in preds.items()], indent=1)
+    )
     (run_dir / "per_image_scores.json").write_text(json.dumps(per_image, indent=1))
-    out = {"checkpoint": str(cfg.ckpt_path), "split": cfg.split, "images": len(preds),
-           "decode": OmegaConf.to_container(d), "metrics": scores}
+    out = {
+        "checkpoint": str(cfg.ckpt_path),
+        "split": cfg.split,
+        "images": len(preds),
+        "decode": OmegaConf.to_container(d),
+        "metrics": scores,
+    }
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
     if cfg.report:
-        path = write_report(run_dir, cm, dataset, preds, refs, hyps, per_image,
-                            n=int(cfg.report_examples))
+        path = write_report(
+            run_dir, cm, dataset, preds, refs, hyps, per_image, n=int(cfg.report_examples)
+        )
         log.info("report: %s", path)
     print(json.dumps({cfg.split: summary(scores)}, indent=2))
     return scores

@@ -8,12 +8,12 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision
-from conftest import compose_cfg
 from torch import nn
 
 from captioning import encoders as enc_mod
 from captioning.encoders import Encoder, Preprocess, build_encoder, list_encoders
 from captioning.errors import ConfigError, UserError
+from conftest import compose_cfg
 
 ALL = list_encoders()
 TORCHVISION = [n for n in ALL if n in enc_mod._TORCHVISION]

@@ -15,25 +15,54 @@ pytestmark = pytest.mark.slow
 TINY = ["debug=tiny", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
 
 
-def run(script: str, args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(
+    script: str, args: list[str], cache: Path, timeout: int = 600
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "CAPTIONING_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def test_overfits_a_few_samples(tmp_path, data_cache):
     """32 training images, many epochs: the model reproduces their captions."""
-    run("train.py", [*TINY, f"hydra.run.dir={tmp_path}", "data.args.num_train=32",
-                     "data.batch_size=32", "trainer.max_epochs=60", "optim.scheduler=none",
-                     "decoder.hidden_dim=128", "decoder.embed_dim=64", "test=false",
-                     "callbacks.early_stopping=null", "trainer.check_val_every_n_epoch=30"],
-        data_cache)
+    run(
+        "train.py",
+        [
+            *TINY,
+            f"hydra.run.dir={tmp_path}",
+            "data.args.num_train=32",
+            "data.batch_size=32",
+            "trainer.max_epochs=60",
+            "optim.scheduler=none",
+            "decoder.hidden_dim=128",
+            "decoder.embed_dim=64",
+            "test=false",
+            "callbacks.early_stopping=null",
+            "trainer.check_val_every_n_epoch=30",
+        ],
+        data_cache,
+    )
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     out = tmp_path / "eval"
-    run("evaluate.py", [f"ckpt_path={ckpt}", "split=train", f"hydra.run.dir={out}",
-                        "decode.meteor=false", "report=false"], data_cache)
+    run(
+        "evaluate.py",
+        [
+            f"ckpt_path={ckpt}",
+            "split=train",
+            f"hydra.run.dir={out}",
+            "decode.meteor=false",
+            "report=false",
+        ],
+        data_cache,
+    )
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert metrics["BLEU-4"] > 0.8, metrics
 
@@ -53,8 +82,11 @@ def test_train_then_evaluate_matches_training_test(tmp_path, data_cache):
 
 
 def test_ddp_two_processes_on_cpu(tmp_path, data_cache):
-    proc = run("train.py", [*TINY, f"hydra.run.dir={tmp_path}", "trainer.devices=2",
-                            "trainer.strategy=ddp"], data_cache)
+    run(
+        "train.py",
+        [*TINY, f"hydra.run.dir={tmp_path}", "trainer.devices=2", "trainer.strategy=ddp"],
+        data_cache,
+    )
     metrics = json.loads((tmp_path / "test_metrics.json").read_text())["metrics"]
     assert metrics["BLEU-1"] > 0
     # DistributedSampler pads with repeated images; each test image is scored exactly once.
@@ -63,12 +95,27 @@ def test_ddp_two_processes_on_cpu(tmp_path, data_cache):
 
 
 def test_resume_from_last_checkpoint(tmp_path, data_cache):
-    run("train.py", [*TINY, f"hydra.run.dir={tmp_path}", "trainer.max_epochs=1", "test=false"],
-        data_cache)
-    run("train.py", [*TINY, f"hydra.run.dir={tmp_path}", "trainer.max_epochs=2", "ckpt_path=last",
-                     "test=false"], data_cache)
+    run(
+        "train.py",
+        [*TINY, f"hydra.run.dir={tmp_path}", "trainer.max_epochs=1", "test=false"],
+        data_cache,
+    )
+    run(
+        "train.py",
+        [
+            *TINY,
+            f"hydra.run.dir={tmp_path}",
+            "trainer.max_epochs=2",
+            "ckpt_path=last",
+            "test=false",
+        ],
+        data_cache,
+    )
     rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    epochs = {r.split(",")[header.index("epoch")] for r in rows[1:]
-              if r.split(",")[header.index("val/bleu4")]}
+    epochs = {
+        r.split(",")[header.index("epoch")]
+        for r in rows[1:]
+        if r.split(",")[header.index("val/bleu4")]
+    }
     assert epochs == {"0", "1"}, rows

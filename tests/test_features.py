@@ -6,8 +6,13 @@ import torch
 from captioning.datamodule import CaptionDataModule
 from captioning.encoders import build_encoder
 
-DATA = {"name": "synthetic", "args": {"num_train": 24, "num_val": 8, "num_test": 8},
-        "batch_size": 8, "eval_batch_size": 8, "num_workers": 0}
+DATA = {
+    "name": "synthetic",
+    "args": {"num_train": 24, "num_val": 8, "num_test": 8},
+    "batch_size": 8,
+    "eval_batch_size": 8,
+    "num_workers": 0,
+}
 
 
 def module(cache, encoder, **extra):

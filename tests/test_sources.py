@@ -11,6 +11,11 @@ from pathlib import Path
 
 import datasets
 import pytest
+
+from captioning.data import SOURCES, SPLITS, load_splits
+from captioning.data import sources as src
+from captioning.data.images import SkippedImagesWarning
+from captioning.errors import ConfigError, DataError
 from fixtures_data import (
     captions_of,
     flickr_names,
@@ -23,11 +28,6 @@ from fixtures_data import (
     write_hub_single_split,
     write_karpathy,
 )
-
-from captioning.data import SOURCES, SPLITS, load_splits
-from captioning.data import sources as src
-from captioning.data.images import SkippedImagesWarning
-from captioning.errors import ConfigError, DataError
 
 STAGED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

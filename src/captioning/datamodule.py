@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from .data import load_splits
 from .data.images import ImageDecodeError, load_rgb, warn_skipped
 from .encoders import Encoder, Preprocess
-from .features import cache_dir_for, cache_key, compute_features, load_features
 from .errors import ConfigError, DataError
+from .features import cache_dir_for, cache_key, compute_features, load_features
 from .transforms import make_transform
 from .vocab import Vocab
 

@@ -15,18 +15,29 @@ from .viz import attention_figure
 
 @torch.no_grad()
 def caption_dataset(
-    cm: CaptionModel, dataset: CaptionDataset, *, batch_size: int = 100, beam_size: int = 3,
-    max_len: int | None = None, length_penalty: float = 1.0, allow_unk: bool = False,
+    cm: CaptionModel,
+    dataset: CaptionDataset,
+    *,
+    batch_size: int = 100,
+    beam_size: int = 3,
+    max_len: int | None = None,
+    length_penalty: float = 1.0,
+    allow_unk: bool = False,
     num_workers: int = 0,
 ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, Hypothesis]]:
     """Best caption, references and best hypothesis (with attention) for every image."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                        num_workers=num_workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers
+    )
     preds, refs, hyps = {}, {}, {}
     for batch in loader:
-        beams = cm.caption_tensor(batch["images"].to(cm.device), beam_size=beam_size,
-                                  max_len=max_len, length_penalty=length_penalty,
-                                  allow_unk=allow_unk)
+        beams = cm.caption_tensor(
+            batch["images"].to(cm.device),
+            beam_size=beam_size,
+            max_len=max_len,
+            length_penalty=length_penalty,
+            allow_unk=allow_unk,
+        )
         for image_id, image_refs, b in zip(batch["image_ids"], batch["refs"], beams, strict=True):
             preds[image_id] = cm.text(b[0])
             refs[image_id] = image_refs
@@ -34,8 +45,9 @@ def caption_dataset(
     return preds, refs, hyps
 
 
-def rank_examples(per_image: dict[str, dict[str, float]], key: str = "CIDEr",
-                  n: int = 5) -> tuple[list[str], list[str]]:
+def rank_examples(
+    per_image: dict[str, dict[str, float]], key: str = "CIDEr", n: int = 5
+) -> tuple[list[str], list[str]]:
     """Image ids of the n best and n worst captions by a per-image score."""
     order = sorted(per_image, key=lambda i: (per_image[i].get(key) or 0.0, i))
     return list(reversed(order[-n:])), order[:n]
@@ -46,17 +58,26 @@ def summary(scores: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if v is None else round(float(v), 4)) for k, v in scores.items()}
 
 
-def write_report(run_dir: Path, cm: CaptionModel, dataset: CaptionDataset, preds: dict[str, str],
-                 refs: dict[str, list[str]], hyps: dict[str, Hypothesis],
-                 per_image: dict[str, dict[str, float]], n: int = 5) -> Path:
+def write_report(
+    run_dir: Path,
+    cm: CaptionModel,
+    dataset: CaptionDataset,
+    preds: dict[str, str],
+    refs: dict[str, list[str]],
+    hyps: dict[str, Hypothesis],
+    per_image: dict[str, dict[str, float]],
+    n: int = 5,
+) -> Path:
     """Write report.md (+ report/*.png) beside the metrics; returns the Markdown path."""
     fig_dir = run_dir / "report"
     fig_dir.mkdir(parents=True, exist_ok=True)
     best, worst = rank_examples(per_image, "CIDEr", n)
     row_of = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
     lines = [f"# Evaluation report: {cm.meta.get('path', '')}", ""]
-    for title, ids in (("Best captions (per-image CIDEr-D)", best),
-                       ("Worst captions (per-image CIDEr-D)", worst)):
+    for title, ids in (
+        ("Best captions (per-image CIDEr-D)", best),
+        ("Worst captions (per-image CIDEr-D)", worst),
+    ):
         lines += [f"## {title}", ""]
         for image_id in ids:
             hyp = hyps[image_id]

@@ -74,6 +74,9 @@ def compute_features(
         loader = DataLoader(_Images(dataset), batch_size=batch_size, num_workers=num_workers)
         mm = None
         row = 0
+        total = len(dataset.image_ids)
+        log.info("computing %s features of %d images into %s", encoder.name, total, out_dir)
+        next_report = total // 10
         for images in loader:
             feats = encoder(images.to(device)).float().cpu().numpy()  # (B, N, D)
             if mm is None:
@@ -81,6 +84,9 @@ def compute_features(
                 mm = np.lib.format.open_memmap(tmp / "features.npy", "w+", np.float16, shape)
             mm[row : row + len(feats)] = feats
             row += len(feats)
+            if row >= next_report and row < total:  # long for big encoders on a CPU
+                log.info("  %d / %d images", row, total)
+                next_report += max(total // 10, 1)
         mm.flush()
         (tmp / "image_ids.json").write_text(json.dumps(dataset.image_ids))
         encoder.train(was_training)

@@ -14,8 +14,13 @@ def _heat(alpha: np.ndarray) -> np.ndarray:
     return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
 
 
-def overlay(image: Image.Image, alpha: Tensor | np.ndarray, grid: int, strength: float = 0.6,
-            blur: float | None = None) -> Image.Image:
+def overlay(
+    image: Image.Image,
+    alpha: Tensor | np.ndarray,
+    grid: int,
+    strength: float = 0.6,
+    blur: float | None = None,
+) -> Image.Image:
     """Blend one word's attention (N = grid*grid weights) over the image, upsampled and smoothed."""
     a = np.asarray(alpha, dtype=np.float32).reshape(grid, grid)
     a = a / max(float(a.max()), 1e-8)  # each word's map uses the full colour range
@@ -29,8 +34,14 @@ def overlay(image: Image.Image, alpha: Tensor | np.ndarray, grid: int, strength:
     return Image.composite(heat, base, mask)
 
 
-def attention_figure(image: Image.Image, words: list[str], alphas: Tensor | np.ndarray | None,
-                     grid: int | None, cols: int = 5, tile: int = 160) -> Image.Image:
+def attention_figure(
+    image: Image.Image,
+    words: list[str],
+    alphas: Tensor | np.ndarray | None,
+    grid: int | None,
+    cols: int = 5,
+    tile: int = 160,
+) -> Image.Image:
     """The image, then one overlay per word, each labelled, in a grid of tiles."""
     base = image.convert("RGB").resize((tile, tile), Image.Resampling.BICUBIC)
     tiles = [(base, "<image>")]

@@ -55,7 +55,9 @@ class Vocab:
 
     def banned(self, allow_unk: bool = False) -> tuple[int, ...]:
         """Ids a decoder must never generate: <pad>, <start>, and <unk> unless allowed."""
-        return (self.pad_id, self.start_id) if allow_unk else (self.pad_id, self.start_id, self.unk_id)
+        return (
+            (self.pad_id, self.start_id) if allow_unk else (self.pad_id, self.start_id, self.unk_id)
+        )
 
     def to_dict(self) -> dict:
         return {"itos": list(self.itos), "max_len": self.max_len}

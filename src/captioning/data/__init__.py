@@ -26,9 +26,4 @@ def load_splits(source: str, **cfg):
 
 def _import_sources() -> None:
     # Imported lazily: each module registers itself, and some pull in heavy dependencies.
-    from . import synthetic  # noqa: F401
-
-    try:
-        from . import sources  # noqa: F401
-    except ImportError:  # real-data sources not present in this build
-        pass
+    from . import sources, synthetic  # noqa: F401
