@@ -1,19 +1,15 @@
 """Vocabulary: tokenise captions, build from the training split only, encode and decode."""
 
-import re
 from collections import Counter
 from collections.abc import Iterable
+
+# Captions are split exactly as coco-caption scores them, so generated words are the scorer's tokens.
+from .metrics import tokenize
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-case word tokens, punctuation dropped (what the scorer compares, up to its PTB rules)."""
-    return _WORD.findall(text.lower())
-
+__all__ = ["Vocab", "tokenize", "SPECIALS"]
 
 class Vocab:
     """Word <-> id table; ids 0..3 are <pad>, <start>, <end>, <unk>."""
