@@ -1,0 +1,101 @@
+"""`python -m captioning.app [--ckpt x.ckpt] [--port 8000]`: serve the page and the JSON API.
+
+Without --ckpt it serves the newest checkpoint under outputs/; with --train-if-missing (what
+`make app` passes) and none there, it trains the built-in model first with `python train.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import CheckpointError, UserError
+from .service import APP_THREADS, Limits, newest_checkpoint, resolve_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m captioning.app",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--ckpt",
+        default=os.environ.get("CKPT") or None,
+        help="checkpoint to serve (default: the newest *.ckpt under --outputs)",
+    )
+    p.add_argument("--outputs", default="outputs", help="where to look for checkpoints")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--threads", type=int, default=APP_THREADS, help="torch CPU threads (default: %(default)s)"
+    )
+    p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--max-beam", type=int, default=10)
+    p.add_argument(
+        "--train-if-missing",
+        action="store_true",
+        help="no checkpoint found: train the built-in model first (~5 min on a CPU)",
+    )
+    p.add_argument(
+        "--train-overrides",
+        nargs="*",
+        default=[],
+        help="overrides for that training run, e.g. experiment=flickr8k",
+    )
+    return p.parse_args(argv)
+
+
+def find_or_train(args: argparse.Namespace) -> Path:
+    if args.ckpt or newest_checkpoint(args.outputs) is not None or not args.train_if_missing:
+        return resolve_checkpoint(args.ckpt, args.outputs)
+    if not Path("train.py").is_file():
+        raise UserError(
+            f"no checkpoint under {args.outputs}/ and no train.py here to train one: run from "
+            "the repository root, or pass --ckpt path/to/model.ckpt"
+        )
+    print(
+        f"No checkpoint under {args.outputs}/: training the built-in model first with "
+        "`python train.py` (about 5 minutes on a CPU; the app starts when it is done).",
+        flush=True,
+    )
+    run_dir = Path(args.outputs) / "train" / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    rc = subprocess.call(
+        [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *args.train_overrides]
+    )
+    if rc != 0:
+        raise UserError(f"training failed (exit status {rc}); see the messages above")
+    return resolve_checkpoint(None, args.outputs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        import torch
+        import uvicorn
+
+        from .server import create_app
+
+        ckpt = find_or_train(args)
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_beam=args.max_beam)
+        print(f"loading {ckpt} on {device}", flush=True)
+        app = create_app(ckpt, device=device, threads=args.threads, limits=limits)
+    except (UserError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"serving on http://{args.host}:{args.port}/  (API docs: /docs; Ctrl-C stops)", flush=True
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The web app: a JSON API over `CaptionService` and one static page that uses it.
+
+    create_app(ckpt_path)  ->  FastAPI app (the model loads once, here)
+    POST /api/caption      multipart field "file" (or the raw image as the body) -> caption JSON
+    GET  /api/health, /api/model, /openapi.json, /docs, /  (the page)
+
+The upload limit is enforced while the body streams in, so a 5 GB upload costs at most the limit
+in memory; every bad input is a 4xx JSON `{"detail": "..."}`, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from ..data.images import ImageDecodeError
+from ..errors import UserError
+from .service import APP_THREADS, CaptionService, Limits
+
+log = logging.getLogger("captioning.app")
+STATIC = Path(__file__).parent / "static"
+# Room for the multipart envelope (boundaries, part headers, a beam_size field) over the image.
+ENVELOPE_BYTES = 64 * 1024
+
+
+# ---------------------------------------------------------------- response shapes (for /docs)
+
+
+class Beam(BaseModel):
+    caption: str
+    words: list[str]
+    score: float  # log-probability / length**length_penalty: what beams are ranked by
+    logprob: float
+    attention: list[Any] | None  # (L, grid, grid) weights per word; (L, N) without a grid
+
+
+class ImageInfo(BaseModel):
+    filename: str
+    format: str
+    width: int
+    height: int
+    crop: list[float]  # (x0, y0, x1, y1): the square the model saw, in image pixels
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    beams: list[Beam]  # best first
+    grid: int | None
+    overlays: list[str] | None  # PNG data URLs per word of the best beam (?overlays=true)
+    image: ImageInfo
+    beam_size: int
+    timings_ms: dict[str, float]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "beam_size": {"type": "integer", "minimum": 1},
+                    },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+class ClientError(Exception):
+    """Becomes a 4xx JSON response."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- reading the upload
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise ClientError(413, _too_large(limit))
+        except ValueError:
+            raise ClientError(400, "invalid Content-Length header") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # a chunked upload that never declared its length
+            raise ClientError(413, _too_large(limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> str:
+    return f"upload too large: the limit is {limit / 2**20:.1f} MB"
+
+
+async def parse_upload(request: Request, limits: Limits) -> tuple[bytes, str, dict[str, str]]:
+    """(image bytes, file name, other form fields) from a multipart form or a raw image body."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/x-www-form-urlencoded"):
+        raise ClientError(
+            415, "send the image as multipart/form-data (field 'file') or as the raw request body"
+        )
+    body = await read_body(request, limits.max_upload_bytes + ENVELOPE_BYTES)
+    if not ctype.startswith("multipart/form-data"):
+        if len(body) > limits.max_upload_bytes:
+            raise ClientError(413, _too_large(limits.max_upload_bytes))
+        return body, "upload", {}
+
+    async def stream():
+        yield body
+        yield b""
+
+    parser = MultiPartParser(
+        Headers(raw=request.scope["headers"]),
+        stream(),
+        max_files=1,
+        max_fields=8,
+        max_part_size=1024,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise ClientError(400, f"malformed multipart form: {e.message}") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            if not files:
+                raise ClientError(400, "no file in the form: upload the image as field 'file'")
+            upload = files[0]
+        data = await upload.read()
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        name = Path(upload.filename or "upload").name[:200]
+    finally:
+        await form.close()
+    if len(data) > limits.max_upload_bytes:
+        raise ClientError(413, _too_large(limits.max_upload_bytes))
+    return data, name, fields
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(
+    ckpt_path: str | Path,
+    device: str = "cpu",
+    threads: int | None = APP_THREADS,
+    limits: Limits | None = None,
+    service: CaptionService | None = None,
+) -> FastAPI:
+    """Load the model once and build the app; `service` lets tests share one loaded model."""
+    svc = service or CaptionService(ckpt_path, device=device, threads=threads, limits=limits)
+    limits = svc.limits
+    app = FastAPI(
+        title="Show, Attend and Tell",
+        version=str(svc.cm.meta.get("code_version") or "0"),
+        description="Caption an image and see where the model looked for each word. "
+        "Upload with `curl -F file=@photo.jpg http://HOST/api/caption?beam_size=3`.",
+    )
+    app.state.service = svc
+    started = time.time()
+
+    @app.exception_handler(ClientError)
+    async def client_error(_: Request, e: ClientError) -> JSONResponse:
+        return JSONResponse({"detail": e.detail}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_params(_: Request, e: RequestValidationError) -> JSONResponse:
+        msgs = [f"{'.'.join(str(x) for x in err['loc'][1:])}: {err['msg']}" for err in e.errors()]
+        return JSONResponse({"detail": "; ".join(msgs)}, status_code=422)
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "checkpoint": str(svc.ckpt_path),
+            "device": str(svc.cm.device),
+            "uptime_s": round(time.time() - started, 1),
+            "requests": svc.requests,
+        }
+
+    @app.get("/api/model")
+    def model_info() -> dict[str, Any]:
+        return svc.info()
+
+    @app.post(
+        "/api/caption",
+        response_model=CaptionResponse,
+        responses={c: {"model": ErrorResponse} for c in (400, 413, 415, 422)},
+        openapi_extra=UPLOAD_BODY,
+    )
+    async def caption(
+        request: Request,
+        beam_size: int | None = Query(
+            None, ge=1, le=limits.max_beam, description="beams to search (default 3)"
+        ),
+        overlays: bool = Query(False, description="also return PNG heat maps per word"),
+    ) -> JSONResponse:
+        """Caption one image: the beams best first, each word's attention over the image grid."""
+        data, name, fields = await parse_upload(request, limits)
+        if beam_size is None:
+            beam_size = _int_field(fields.get("beam_size"), 3, limits.max_beam)
+        try:
+            result = await run_in_threadpool(svc.caption, data, name, beam_size, overlays)
+        except ImageDecodeError as e:
+            raise ClientError(400, f"not a usable image: {e.reason}") from None
+        except UserError as e:
+            raise ClientError(422, str(e)) from None
+        # Already plain JSON types: skip re-validating ~1,500 attention floats per request.
+        return JSONResponse(result)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _int_field(value: str | None, default: int, high: int) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise ClientError(422, f"beam_size: not an integer: {value[:20]!r}") from None
+    if not 1 <= n <= high:
+        raise ClientError(422, f"beam_size must be between 1 and {high}")
+    return n
