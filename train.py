@@ -1,4 +1,8 @@
-"""Train a captioner: `python train.py [encoder=resnet101] [data=flickr8k] [trainer.devices=2]`."""
+"""Train a captioner: `python train.py [encoder=resnet101] [data=flickr8k] [trainer.devices=2]`.
+
+Interrupted runs continue where they stopped: `python train.py <same overrides>
+hydra.run.dir=<run dir> resume=auto` (or `ckpt_path=last`); see captioning/reliability.py.
+"""
 
 import json
 import logging
@@ -10,7 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import instantiate_all, resolve_ckpt_path, run_safely
 from captioning.datamodule import CaptionDataModule
+from captioning.inference import read_checkpoint
 from captioning.lit_module import CaptioningModule
+from captioning.reliability import (
+    check_checkpoint_dir,
+    check_resumable,
+    checkpoint_bytes,
+    continue_csv_logs,
+)
 
 log = logging.getLogger("train")
 
@@ -19,6 +30,16 @@ def train(cfg: DictConfig) -> float | None:
     """Fit, then test the best checkpoint; returns the best selection metric for sweepers."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
+    trainer, callbacks = instantiate_all(cfg)
+    ckpt_cb = callbacks.get("model_checkpoint")
+    ckpt_dir = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else None
+    ckpt_dir = ckpt_dir or run_dir / "checkpoints"
+    # Before the data is converted or its features cached, which can take long: a run that
+    # cannot save fails now, not at the end of its first epoch; a bad checkpoint likewise.
+    check_checkpoint_dir(ckpt_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir, resume=cfg.get("resume", "never"))
+    resume_from = read_checkpoint(ckpt_path) if ckpt_path else None
+
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     dm = CaptionDataModule(data_cfg, cache_dir=cfg.paths.cache_dir, seed=cfg.seed).load()
     module = CaptioningModule(
@@ -34,14 +55,24 @@ def train(cfg: DictConfig) -> float | None:
     if dm.use_feature_cache(module.model.encoder):
         log.info("frozen encoder: training from cached features under %s", dm.cache_dir)
     log.info("data %s: %s, vocabulary %d words", dm.cfg["name"], dm.info()["sizes"], len(dm.vocab))
-    trainer, callbacks = instantiate_all(cfg)
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))
+    kept = max(ckpt_cb.save_top_k, 1) if ckpt_cb is not None else 1
+    check_checkpoint_dir(ckpt_dir, need_bytes=checkpoint_bytes(module) * (kept + 2))  # + last, tmp
+    if resume_from is not None:
+        check_resumable(resume_from, ckpt_path, module)
+        log.info("resuming from %s (epoch %s, step %s)", ckpt_path, resume_from.get("epoch"),
+                 resume_from.get("global_step"))
+        continue_csv_logs(trainer.loggers, int(resume_from.get("global_step", 0)))
+        del resume_from
+    # weights_only: Lightning reads the checkpoint again; nothing in it may run code.
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
-    ckpt_cb = callbacks.get("model_checkpoint")
     best = ckpt_cb.best_model_score if ckpt_cb is not None else None
     if cfg.test:
         best_path = ckpt_cb.best_model_path if ckpt_cb is not None else ""
-        trainer.test(module, datamodule=dm, ckpt_path=best_path or None, weights_only=False)
+        if ckpt_cb is not None and not best_path:
+            log.warning("no checkpoint with a finite %s was saved: testing the final weights",
+                        cfg.monitor)
+        trainer.test(module, datamodule=dm, ckpt_path=best_path or None, weights_only=True)
         if trainer.is_global_zero:
             metrics = {k: v for k, v in module.test_metrics.items()}
             out = {"split": "test", "checkpoint": best_path, "decode": dict(cfg.test_decode),

@@ -13,7 +13,10 @@ from conftest import CONF, ROOT, compose_cfg
 sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
 
-GROUPS = ["data", "encoder", "decoder", "trainer", "callbacks", "logger", "debug", "experiment"]
+GROUPS = [
+    "data", "encoder", "decoder", "trainer", "callbacks", "logger", "debug", "experiment",
+    "hparams_search",
+]
 
 
 def options(group: str) -> list[str]:

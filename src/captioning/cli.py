@@ -6,13 +6,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, ConfigError, UserError
 
 log = logging.getLogger("captioning")
 
 
 def run_safely(fn: Callable[[Any], Any], cfg: Any) -> Any:
-    """Run an entry point; a user error prints one clear line and exits with status 2."""
+    """Run an entry point; a user error prints one clear line and exits with status 2.
+
+    An error may carry its own `exit_code` (a training stopped by SIGTERM exits 128 + 15, as
+    if killed, so a scheduler still sees that the job did not finish).
+    """
     try:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
     except ImportError:  # the app and scorer run without Lightning
@@ -21,7 +25,10 @@ def run_safely(fn: Callable[[Any], Any], cfg: Any) -> Any:
         return fn(cfg)
     except (UserError, MisconfigurationException) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:  # outside training (data preparation, testing): nothing to save
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         # Each multirun job must be its own W&B run, not a continuation of the previous one.
         wandb = sys.modules.get("wandb")
@@ -43,9 +50,14 @@ def instantiate_all(cfg: Any):
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("fast_dev_run"):
         callbacks.pop("lr_monitor", None)
+    extra = {}
+    if not trainer_cfg.get("plugins"):
+        from .reliability import AtomicCheckpointIO
+
+        extra["plugins"] = [AtomicCheckpointIO()]  # a kill mid-save keeps the old checkpoint
     try:
         trainer = hydra.utils.instantiate(
-            cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False
+            cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False, **extra
         )
     except Exception as e:  # Hydra wraps the Trainer's own message about a bad value
         cause = e.__cause__ or e
@@ -53,18 +65,25 @@ def instantiate_all(cfg: Any):
     return trainer, callbacks
 
 
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """`last` means this run directory's last.ckpt; anything else must exist."""
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path, resume: str = "never") -> str | None:
+    """The checkpoint to resume from: `ckpt_path` (a path, or `last`: this run directory's
+    last.ckpt), else with `resume=auto` the run directory's last.ckpt when there is one."""
+    if resume not in ("auto", "never"):
+        raise ConfigError(f"resume must be auto or never; got {resume!r}")
+    last = run_dir / "checkpoints" / "last.ckpt"
     if ckpt_path in (None, ""):
+        if resume == "auto" and last.is_file():
+            return str(last)
+        if resume == "auto":
+            log.info("resume=auto: no %s yet, starting afresh", last)
         return None
     if ckpt_path == "last":
-        path = run_dir / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        if not last.is_file():
             raise CheckpointError(
-                f"ckpt_path=last: no {path}; resume with hydra.run.dir=<the run's directory> "
-                "ckpt_path=last, or give the checkpoint's path"
+                f"ckpt_path=last: no {last}; resume with hydra.run.dir=<the run's directory> "
+                "ckpt_path=last (or resume=auto), or give the checkpoint's path"
             )
-        return str(path)
+        return str(last)
     if not Path(ckpt_path).is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt_path}")
     return str(ckpt_path)

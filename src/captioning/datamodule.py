@@ -20,7 +20,7 @@ from .encoders import Encoder, Preprocess
 from .errors import ConfigError, DataError
 from .features import cache_dir_for, cache_key, compute_features, load_features
 from .transforms import make_transform
-from .vocab import Vocab
+from .vocab import Vocab, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,14 @@ class CaptionDataset(Dataset):
         self.target_size = preprocess.resize_size
         if preload:  # small datasets: decode once, keep (M, 3, S, S) in memory
             self.images = self._preload(name)
+        self.refs, self.dropped_captions, self.dropped_images = drop_empty_captions(self.refs, name)
         encoded = [[torch.tensor(vocab.encode(c)) for c in refs] for refs in self.refs]
         self.encoded = encoded
+        # An image left without captions yields no sample (and is not scored).
         if train:
             self.index = [(i, j) for i, caps in enumerate(encoded) for j in range(len(caps))]
         else:
-            self.index = [(i, 0) for i in range(len(encoded))]
+            self.index = [(i, 0) for i in range(len(encoded)) if encoded[i]]
 
     def _preload(self, name: str) -> Tensor:
         xs, keep, failures = [], [], []
@@ -108,6 +110,21 @@ class CaptionDataset(Dataset):
             "image_id": self.image_ids[i],
             "refs": self.refs[i],
         }
+
+
+def drop_empty_captions(refs: list[list[str]], name: str = "") -> tuple[list[list[str]], int, int]:
+    """Drop captions with no word ("", " ", "."): trained on, they teach the model to stop at once.
+
+    Returns the remaining captions per image, and how many captions and images (left with none)
+    were dropped; both counts are logged once.
+    """
+    kept = [[c for c in caps if tokenize(c)] for caps in refs]
+    captions = sum(len(a) - len(b) for a, b in zip(refs, kept, strict=True))
+    images = sum(1 for a, b in zip(refs, kept, strict=True) if a and not b)
+    if captions:
+        log.warning("%s: dropped %d empty caption(s); %d image(s) left without any are not used",
+                    name or "dataset", captions, images)
+    return kept, captions, images
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int = Vocab.pad_id) -> dict[str, Any]:

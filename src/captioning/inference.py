@@ -3,8 +3,6 @@
 Imports neither Lightning nor Hydra: one `.ckpt` file is the whole model.
 """
 
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,33 +16,55 @@ from .encoders import Preprocess
 from .errors import CheckpointError
 from .model import Captioner, build_captioner
 from .transforms import make_transform
-from .vocab import Vocab
+from .vocab import SPECIALS, Vocab
 
 SUPPORTED_FORMAT = 1
+# What `load_model` needs from a checkpoint's "captioning" block.
+_REQUIRED = ("encoder", "decoder", "vocab", "preprocess")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with `weights_only=True` (no arbitrary pickles); clear errors otherwise."""
+    """Read a checkpoint of this project, or raise `CheckpointError` saying why it is not one.
+
+    `weights_only=True` unpickles only plain containers, numbers, strings and tensors, so a file
+    holding any other object (a pickled class whose `__reduce__` would run code, say) is refused
+    before anything in it runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty, not a checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            OSError) as e:
+    except Exception as e:  # torch raises many types on foreign or corrupt files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, corrupt, or it holds objects that "
-            f"are not plain tensors and values): {first}"
+            f"are not plain tensors and values): {first[:300]}"
         ) from None
-    if not isinstance(ckpt, dict) or "captioning" not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'captioning' block)")
-    fmt = ckpt["captioning"].get("format")
-    if not isinstance(fmt, int) or fmt > SUPPORTED_FORMAT:
+    info = ckpt.get("captioning") if isinstance(ckpt, dict) else None
+    if not isinstance(info, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(
-            f"{path} has checkpoint format {fmt!r}, newer than this version supports "
+            f"{path} is not a checkpoint of this project (no 'captioning' block and 'state_dict'; "
+            "a checkpoint written by train.py has both)"
+        )
+    fmt = info.get("format")
+    if type(fmt) is not int or fmt < 1:
+        raise CheckpointError(f"{path} has an invalid checkpoint format {fmt!r}")
+    if fmt > SUPPORTED_FORMAT:
+        raise CheckpointError(
+            f"{path} has checkpoint format {fmt}, newer than this version supports "
             f"({SUPPORTED_FORMAT}); upgrade the captioning package"
         )
+    missing = [k for k in _REQUIRED if not isinstance(info.get(k), dict)]
+    itos = info.get("vocab", {}).get("itos") if isinstance(info.get("vocab"), dict) else None
+    bad_vocab = not isinstance(itos, list) or tuple(itos[: len(SPECIALS)]) != SPECIALS
+    if missing or bad_vocab or not isinstance(info["vocab"].get("max_len"), int):
+        what = ", ".join(missing) or "vocab"
+        raise CheckpointError(f"{path}: the 'captioning' block is incomplete (bad or no {what})")
+    if not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
+        raise CheckpointError(f"{path}: 'state_dict' holds values that are not tensors")
     return ckpt
 
 

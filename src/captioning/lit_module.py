@@ -209,8 +209,13 @@ class CaptioningModule(L.LightningModule):
             "data": dict(h.data_info or {}),
             "metrics": metrics,
             "monitor": self.monitor,
+            "monitor_best": float(self.best),  # exact, for `{monitor}_best` after a resume
             "code_version": code_version(),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run logs the same `{monitor}_best` as the uninterrupted one."""
+        self.best = float(checkpoint.get("captioning", {}).get("monitor_best", -math.inf))
 
 
 def code_version() -> str:

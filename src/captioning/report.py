@@ -1,0 +1,537 @@
+"""Compare the jobs of a Hydra multirun: `python -m captioning.report <multirun dir>`.
+
+Writes report.md, report.csv and report.png into the multirun directory: one row per job with
+its swept settings, validation scores at the best epoch, test scores, size and training time.
+Failed jobs stay in the table with whatever they left behind. Each job directory is read as
+train.py leaves it:
+
+    .hydra/overrides.yaml, .hydra/config.yaml   the job's settings (Hydra writes them)
+    csv/metrics.csv                             validation scores per epoch (the CSV logger)
+    checkpoints/*.ckpt                          scores stored with the best checkpoint (fallback)
+    run_info.json                               size, training time, best epoch, status (RunInfo)
+    test_metrics.json                           test scores of the best checkpoint
+"""
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
+
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr")
+LOGGED = {
+    "BLEU-1": "bleu1",
+    "BLEU-2": "bleu2",
+    "BLEU-3": "bleu3",
+    "BLEU-4": "bleu4",
+    "CIDEr": "cider",
+}  # metric -> the name train.py logs it under (val/<name>)
+SHOWN = {m: "CIDEr-D" if m == "CIDEr" else m for m in METRICS}  # our CIDEr is CIDEr-D
+
+
+# -- reading Hydra's records ----------------------------------------------------------------------
+def override_key(override: str) -> str:
+    """`+decoder.hidden_dim=64` -> `decoder.hidden_dim`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def override_value(override: str) -> str:
+    return override.split("=", 1)[1] if "=" in override else ""
+
+
+def _is_sweep(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).is_sweep_override()
+    except Exception:  # not Hydra's grammar: guess from the sweep syntax
+        value = override_value(override)
+        return "," in value or value.startswith(("range(", "choice(", "interval(", "glob("))
+
+
+def _load_yaml(path: Path) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def sweep_keys(sweep_dir: Path, sweeper: dict[str, Any] | None = None) -> list[str]:
+    """Keys a sweep declared: `a=1,2` overrides in multirun.yaml, `hydra.sweeper.params` keys."""
+    keys: list[str] = []
+    multirun = Path(sweep_dir) / "multirun.yaml"  # the basic sweeper writes it; Optuna does not
+    if multirun.is_file():
+        task = (_load_yaml(multirun).get("hydra") or {}).get("overrides", {}).get("task") or []
+        keys += [override_key(o) for o in task if _is_sweep(o)]
+    keys += [str(k) for k in ((sweeper or {}).get("params") or {})]
+    return list(dict.fromkeys(k for k in keys if not k.startswith("hydra.")))
+
+
+# -- one job ------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """What one multirun job left behind."""
+
+    num: int
+    dir: Path
+    overrides: dict[str, str]
+    monitor: str = "val/bleu4"
+    status: str = "ok"  # ok | failed
+    note: str = ""
+    best_epoch: int | None = None
+    best_score: float | None = None  # the selection metric (monitor) at the best epoch
+    val: dict[str, float | None] = field(default_factory=dict)
+    test: dict[str, float | None] = field(default_factory=dict)
+    params: int | None = None
+    trainable_params: int | None = None
+    train_time_s: float | None = None
+    wandb_run: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"job {self.num}"
+
+
+def _float(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def best_val_from_csv(
+    path: Path, monitor: str
+) -> tuple[int | None, float | None, dict[str, float | None]]:
+    """Epoch, monitor value and validation scores of the first epoch with the best (max) value."""
+    best: tuple[float, int | None, dict[str, float | None]] | None = None
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            score = _float(row.get(monitor))
+            if score is None or (best is not None and score <= best[0]):
+                continue  # a tie keeps the earlier epoch, as ModelCheckpoint does
+            epoch = _float(row.get("epoch"))
+            val = {m: _float(row.get(f"val/{LOGGED[m]}")) for m in METRICS}
+            best = (score, int(epoch) if epoch is not None else None, val)
+    return (best[1], best[0], best[2]) if best else (None, None, {})
+
+
+def _best_checkpoint(job_dir: Path, test: dict[str, Any]) -> Path | None:
+    path = Path(test.get("checkpoint") or "")
+    for candidate in (path, job_dir / "checkpoints" / path.name):  # the sweep may have moved
+        if path.name and candidate.is_file():
+            return candidate
+    # save_top_k=1 (the default) leaves one besides last.ckpt; with more, the newest is taken.
+    ckpts = sorted(p for p in (job_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    return ckpts[-1] if ckpts else None
+
+
+def from_checkpoint(path: Path) -> dict[str, Any]:
+    """Epoch, stored metrics and parameter count of a checkpoint train.py wrote."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    info = ckpt.get("captioning") or {}
+    state = ckpt.get("state_dict") or {}
+    return {
+        "epoch": ckpt.get("epoch"),
+        "metrics": info.get("metrics") or {},
+        "params": sum(v.numel() for k, v in state.items() if k.startswith("model.")) or None,
+    }
+
+
+def read_job(job_dir: Path) -> Job:
+    """Everything known about one job; never raises for missing or broken files."""
+    job_dir = Path(job_dir)
+    hydra_dir = job_dir / ".hydra"
+    problems = []
+    try:
+        overrides = [str(o) for o in _load_yaml(hydra_dir / "overrides.yaml") or []]
+    except Exception as e:
+        overrides = []
+        problems.append(f"unreadable .hydra/overrides.yaml: {e}")
+    try:
+        num = int(_load_yaml(hydra_dir / "hydra.yaml")["hydra"]["job"]["num"])
+    except Exception:
+        num = int(job_dir.name) if job_dir.name.isdigit() else -1
+    try:
+        config = _load_yaml(hydra_dir / "config.yaml")
+    except Exception:
+        config = {}
+    job = Job(
+        num=num,
+        dir=job_dir,
+        overrides={override_key(o): override_value(o) for o in overrides},
+        monitor=str(config.get("monitor") or "val/bleu4"),
+    )
+
+    def read_json(name: str) -> dict[str, Any]:
+        path = job_dir / name
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            problems.append(f"unreadable {name}: {e}")
+            return {}
+
+    info, test = read_json("run_info.json"), read_json("test_metrics.json")
+    job.test = {m: _float((test.get("metrics") or {}).get(m)) for m in METRICS} if test else {}
+    job.params, job.trainable_params = info.get("params"), info.get("trainable_params")
+    job.train_time_s = _float(info.get("train_time_s"))
+    job.best_epoch, job.best_score = info.get("best_epoch"), _float(info.get("best_score"))
+    run = info.get("wandb_run") or {}
+    job.wandb_run = run.get("url") or run.get("id")
+
+    metrics_csv = job_dir / "csv" / "metrics.csv"
+    if not metrics_csv.is_file():
+        metrics_csv = next(iter(sorted(job_dir.glob("**/metrics.csv"))), metrics_csv)
+    if metrics_csv.is_file():
+        epoch, score, val = best_val_from_csv(metrics_csv, job.monitor)
+        if val:
+            job.best_epoch, job.best_score, job.val = epoch, score, val
+    if not job.val or job.params is None:
+        # No CSV logger (logger=wandb alone), or no run_info.json: the best checkpoint stores both.
+        ckpt = _best_checkpoint(job_dir, test)
+        if ckpt is not None:
+            try:
+                stored = from_checkpoint(ckpt)
+            except Exception as e:
+                problems.append(f"unreadable checkpoint {ckpt.name}: {e}")
+            else:
+                if not job.val and stored["metrics"]:
+                    m = stored["metrics"]
+                    job.val = {k: _float(m.get(f"val/{LOGGED[k]}")) for k in METRICS}
+                    job.best_epoch = stored["epoch"] if job.best_epoch is None else job.best_epoch
+                    if _float(m.get(job.monitor)) is not None:
+                        job.best_score = _float(m.get(job.monitor))
+                if job.params is None:
+                    job.params = stored["params"]
+
+    status = info.get("status")
+    if status in ("failed", "interrupted"):
+        job.status, job.note = "failed", f"{status}: {info.get('error') or 'no message'}"
+    elif not test and config.get("test", True):
+        job.status = "failed"
+        why = {"completed": " (stopped during the test)", "running": " (killed, or still running)"}
+        job.note = "no test_metrics.json" + why.get(status, "")
+    if problems:
+        job.note = "; ".join([job.note, *problems] if job.note else problems)
+    return job
+
+
+def find_jobs(sweep_dir: Path) -> list[Path]:
+    """Job directories under a multirun directory: those Hydra wrote a `.hydra/` into."""
+    sweep_dir = Path(sweep_dir)
+    found = sorted(p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml"))
+    if sweep_dir in found:  # a single run's directory: a report of one
+        return [sweep_dir]
+    # Skip runs nested inside a job (an evaluation written into a job's folder, say).
+    return [p for p in found if not any(q in p.parents for q in found)]
+
+
+@dataclass
+class Sweep:
+    dir: Path
+    jobs: list[Job]
+    swept: list[str]
+    monitor: str
+    optuna: dict[str, Any] | None = None
+
+    def ranked(self) -> list[Job]:
+        """Finished jobs best first, then failed ones, each in job order."""
+        ok = [j for j in self.jobs if j.status == "ok"]
+        ok.sort(key=lambda j: (j.best_score is None, -(j.best_score or 0.0), j.num))
+        return ok + [j for j in self.jobs if j.status != "ok"]
+
+
+def read_sweep(sweep_dir: Path) -> Sweep:
+    sweep_dir = Path(sweep_dir)
+    jobs = sorted((read_job(d) for d in find_jobs(sweep_dir)), key=lambda j: j.num)
+    sweeper = None
+    if jobs:
+        try:
+            sweeper = _load_yaml(jobs[0].dir / ".hydra" / "hydra.yaml")["hydra"].get("sweeper")
+        except Exception:
+            sweeper = None
+    declared = sweep_keys(sweep_dir, sweeper)
+    # Keys whose value differs between jobs count too (a sweep launched by hand or by a plugin).
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    varying = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    swept = list(dict.fromkeys(declared + varying))
+    if not swept and len(jobs) == 1:
+        swept = keys
+    monitors = [j.monitor for j in jobs]
+    monitor = max(set(monitors), key=monitors.count) if monitors else "val/bleu4"
+    opt = sweep_dir / "optimization_results.yaml"
+    return Sweep(sweep_dir, jobs, swept, monitor, _load_yaml(opt) if opt.is_file() else None)
+
+
+# -- writing --------------------------------------------------------------------------------------
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def _fmt_params(n: int | None) -> str:
+    if n is None:
+        return ""
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return ""
+    m, s = divmod(round(s), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def csv_rows(sweep: Sweep) -> list[dict[str, Any]]:
+    """One row per job, in job order, with full-precision numbers."""
+    rows = []
+    for j in sweep.jobs:
+        row: dict[str, Any] = {"job": j.num, "status": j.status}
+        row |= {k: j.overrides.get(k, "") for k in sweep.swept}
+        row |= {"monitor": j.monitor, "best_epoch": j.best_epoch, "best_score": j.best_score}
+        row |= {f"val_{LOGGED[m]}": j.val.get(m) for m in METRICS}
+        row |= {f"test_{LOGGED[m]}": j.test.get(m) for m in METRICS}
+        row |= {
+            "params": j.params,
+            "trainable_params": j.trainable_params,
+            "train_time_s": j.train_time_s,
+            "wandb_run": j.wandb_run or "",
+            "dir": str(j.dir),
+            "note": j.note,
+        }
+        rows.append({k: "" if v is None else v for k, v in row.items()})
+    return rows
+
+
+def write_csv(sweep: Sweep, path: Path) -> None:
+    rows = csv_rows(sweep)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["job"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _short(value: str) -> str:
+    """An Optuna-sampled 0.0004429649570464294 reads as 0.000443; other values stay as given."""
+    try:
+        x = float(value)
+    except ValueError:
+        return value
+    return value if x.is_integer() or len(value) <= 8 else f"{x:.3g}"
+
+
+def _settings(job: Job, keys: list[str]) -> str:
+    return ", ".join(f"{k}={_short(job.overrides.get(k, ''))}" for k in keys) or "(defaults)"
+
+
+def markdown(sweep: Sweep, plot_name: str | None) -> str:
+    ok = [j for j in sweep.jobs if j.status == "ok"]
+    failed = [j for j in sweep.jobs if j.status != "ok"]
+    lines = [
+        f"# Sweep report: {sweep.dir.name}",
+        "",
+        f"`{sweep.dir}`: {len(sweep.jobs)} jobs, {len(ok)} finished, {len(failed)} failed. "
+        f"Selection metric: `{sweep.monitor}` (validation, best epoch; higher is better). "
+        f"Swept: {', '.join(f'`{k}`' for k in sweep.swept) or 'nothing'}.",
+        "",
+    ]
+    ranked = sweep.ranked()
+    if ranked and ranked[0].status == "ok" and ranked[0].best_score is not None:
+        b = ranked[0]
+        lines += [
+            f"**Best: {b.label}** ({_settings(b, sweep.swept)}): {sweep.monitor} "
+            f"{_fmt(b.best_score)} at epoch {b.best_epoch}; test BLEU-4 {_fmt(b.test.get('BLEU-4'))}"
+            f", CIDEr-D {_fmt(b.test.get('CIDEr'))}.",
+            "",
+        ]
+    if sweep.optuna and "best_params" in sweep.optuna:
+        params = ", ".join(f"{k}={_short(str(v))}" for k, v in sweep.optuna["best_params"].items())
+        value = _fmt(_float(sweep.optuna.get("best_value")))
+        lines += [f"Optuna's best trial: {params} (value {value}).", ""]
+    if plot_name:
+        lines += [f"![{sweep.monitor} against the swept settings]({plot_name})", ""]
+    header = (
+        ["job", "status", *[f"`{k}`" for k in sweep.swept], "best epoch"]
+        + [f"val {SHOWN[m]}" for m in METRICS]
+        + [f"test {SHOWN[m]}" for m in METRICS]
+        + ["params", "train time"]
+    )
+    lines += [
+        "Jobs, best first (validation scores at each job's best epoch):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for j in ranked:
+        cells = [
+            str(j.num),
+            j.status,
+            *[_short(j.overrides.get(k, "")) for k in sweep.swept],
+            "" if j.best_epoch is None else str(j.best_epoch),
+        ]
+        cells += [_fmt(j.val.get(m)) for m in METRICS] + [_fmt(j.test.get(m)) for m in METRICS]
+        cells += [_fmt_params(j.params), _fmt_time(j.train_time_s)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", "## Failed jobs", ""]
+        lines += [f"- {j.label} ({_settings(j, sweep.swept)}): {j.note}  `{j.dir}`" for j in failed]
+    lines += ["", "Columns, full precision, W&B runs and directories: `report.csv`.", ""]
+    return "\n".join(lines)
+
+
+def _numeric(values: list[str]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def plot(sweep: Sweep, path: Path) -> bool:
+    """Selection metric against each swept setting, plus one bar per job; False if nothing ran."""
+    scored = [j for j in sweep.jobs if j.status == "ok" and j.best_score is not None]
+    if not sweep.jobs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(sweep.swept) + 1
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, key in zip(flat, sweep.swept, strict=False):
+        values = [j.overrides.get(key, "") for j in scored]
+        nums = _numeric(values)
+        scores = [j.best_score for j in scored]
+        if nums is not None:
+            levels = sorted(set(nums))
+            ax.scatter(nums, scores, alpha=0.7)
+            means = [
+                sum(s for x, s in zip(nums, scores, strict=True) if x == lv) / nums.count(lv)
+                for lv in levels
+            ]
+            ax.plot(levels, means, "-", color="C1", label="mean")
+            if levels and levels[0] > 0 and levels[-1] / levels[0] >= 20:
+                ax.set_xscale("log")
+            if len(levels) <= 8 and ax.get_xscale() == "linear":
+                ax.set_xticks(levels)
+        else:
+            levels = sorted(set(values))
+            pos = [levels.index(v) for v in values]
+            ax.scatter(pos, scores, alpha=0.7)
+            means = [
+                sum(s for v, s in zip(values, scores, strict=True) if v == lv) / values.count(lv)
+                for lv in levels
+            ]
+            ax.plot(range(len(levels)), means, "-", color="C1", label="mean")
+            ax.set_xticks(range(len(levels)), levels, rotation=20, ha="right")
+        ax.set_xlabel(key)
+        ax.set_ylabel(sweep.monitor)
+        ax.grid(alpha=0.3)
+        if scored:
+            ax.legend(loc="best", fontsize=8)
+    ax = flat[len(sweep.swept)]
+    # Bars named by their settings when those are short, by job number otherwise.
+    settings = [", ".join(_short(j.overrides.get(k, "")) for k in sweep.swept) for j in sweep.jobs]
+    short = all(len(t) <= 20 for t in settings) and len(sweep.jobs) <= 12
+    labels = [
+        f"{j.num}\n{t}" if short else str(j.num) for j, t in zip(sweep.jobs, settings, strict=True)
+    ]
+    heights = [
+        j.best_score if j.status == "ok" and j.best_score is not None else 0.0 for j in sweep.jobs
+    ]
+    colors = ["C0" if j.status == "ok" else "C3" for j in sweep.jobs]
+    bars = ax.bar(labels, heights, color=colors)
+    for bar, j in zip(bars, sweep.jobs, strict=True):
+        text = (
+            "failed" if j.status != "ok" else "?" if j.best_score is None else f"{j.best_score:.3g}"
+        )
+        ax.annotate(
+            text,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color=bar.get_facecolor(),
+        )
+    ax.set_xlabel(f"job: {', '.join(sweep.swept)}" if short else "job (settings in report.md)")
+    ax.set_ylabel(sweep.monitor)
+    ax.set_title("per job", fontsize=9)
+    for extra in flat[n:]:
+        extra.axis("off")
+    fig.suptitle(f"{sweep.dir.name}: best {sweep.monitor} per job", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
+    """Write report.md, report.csv and report.png; returns their paths."""
+    sweep = read_sweep(sweep_dir)
+    out = Path(out_dir or sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "report.csv", "md": out / "report.md", "png": out / "report.png"}
+    write_csv(sweep, paths["csv"])
+    has_plot = plot(sweep, paths["png"])
+    if not has_plot:
+        paths.pop("png")
+    paths["md"].write_text(markdown(sweep, paths["png"].name if has_plot else None))
+    return paths
+
+
+class SweepReport(Callback):
+    """Hydra callback: write the report when a multirun ends (`hydra.callbacks.sweep_report`).
+
+    A sweep whose job raised never gets here (Hydra re-raises first): run the command then.
+    """
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            paths = write_report(sweep_dir)
+        except Exception as e:  # the jobs' results matter more than their summary
+            log.warning("no sweep report (python -m captioning.report %s): %s", sweep_dir, e)
+            return
+        log.info("sweep report: %s", paths["md"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m captioning.report",
+        description="Compare the jobs of a multirun: writes report.md, report.csv, report.png.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="the multirun directory (hydra.sweep.dir)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write (default: sweep_dir)"
+    )
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"error: no such directory: {args.sweep_dir}", file=sys.stderr)
+        return 2
+    if not find_jobs(args.sweep_dir):
+        print(
+            f"error: no Hydra jobs (*/.hydra/overrides.yaml) under {args.sweep_dir}",
+            file=sys.stderr,
+        )
+        return 2
+    for path in write_report(args.sweep_dir, args.out).values():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Sweep report: a synthetic multirun tree (one job failed, one logged to W&B only) -> md/csv/png."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from captioning import report
+
+HEADER = [
+    "epoch",
+    "step",
+    "train/loss",
+    "val/bleu1",
+    "val/bleu2",
+    "val/bleu3",
+    "val/bleu4",
+    "val/cider",
+    "val/bleu4_best",
+]
+
+
+def write_job(
+    sweep: Path,
+    num: int,
+    overrides: list[str],
+    *,
+    epochs: list[dict] | None = None,
+    info: dict | None = None,
+    test: dict | None = None,
+    ckpt: dict | None = None,
+) -> Path:
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"monitor": "val/bleu4", "test": True})
+    )
+    hydra = {"hydra": {"job": {"num": num}, "sweeper": {"params": None}}}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    if epochs is not None:
+        (job / "csv").mkdir()
+        with (job / "csv" / "metrics.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=HEADER)
+            w.writeheader()
+            for e in epochs:  # a training row, then the validation row of the epoch
+                w.writerow({"epoch": e["epoch"], "step": 10 * e["epoch"], "train/loss": 3.0})
+                w.writerow(
+                    {
+                        "epoch": e["epoch"],
+                        "step": 10 * e["epoch"] + 9,
+                        **{f"val/{k}": v for k, v in e.items() if k != "epoch"},
+                    }
+                )
+    if info is not None:
+        (job / "run_info.json").write_text(json.dumps(info))
+    if test is not None:
+        (job / "test_metrics.json").write_text(
+            json.dumps({"split": "test", "metrics": test, "checkpoint": ""})
+        )
+    if ckpt is not None:
+        (job / "checkpoints").mkdir()
+        torch.save(ckpt, job / "checkpoints" / f"epoch{ckpt['epoch']:03d}.ckpt")
+    return job
+
+
+def scores(b4: float, cider: float) -> dict:
+    return {"bleu1": 0.6, "bleu2": 0.4, "bleu3": 0.3, "bleu4": b4, "cider": cider}
+
+
+def split_scores(b4: float) -> dict:
+    return {
+        "BLEU-1": 0.5,
+        "BLEU-2": 0.3,
+        "BLEU-3": 0.2,
+        "BLEU-4": b4,
+        "METEOR": None,
+        "ROUGE-L": 0.4,
+        "CIDEr": 0.7,
+    }
+
+
+def info(params: int, status: str = "completed", **kw) -> dict:
+    return {
+        "status": status,
+        "params": params,
+        "trainable_params": params,
+        "train_time_s": 61.5,
+        "best_epoch": kw.pop("best_epoch", None),
+        "best_score": kw.pop("best_score", None),
+        "wandb_run": {"id": f"run{params}"},
+        **kw,
+    }
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """2 x 2 grid: job 0 and 1 fine, job 2 logged to W&B only (no CSV), job 3 failed."""
+    sweep = tmp_path / "2026-01-01_00-00-00"
+    sweep.mkdir()
+    task = ["debug=tiny", "decoder.hidden_dim=32,64", "decoder.attention_dim=16,32"]
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
+    grid = [(h, a) for h in (32, 64) for a in (16, 32)]
+    ov = [["debug=tiny", f"decoder.hidden_dim={h}", f"decoder.attention_dim={a}"] for h, a in grid]
+    write_job(
+        sweep,
+        0,
+        ov[0],
+        epochs=[
+            {"epoch": 0, **scores(0.10, 0.5)},
+            {"epoch": 1, **scores(0.20, 0.9)},
+            {"epoch": 2, **scores(0.20, 1.1)},
+        ],  # a tie: epoch 1 stays
+        info=info(1000),
+        test=split_scores(0.18),
+    )
+    write_job(
+        sweep,
+        1,
+        ov[1],
+        epochs=[{"epoch": 0, **scores(0.25, 0.8)}, {"epoch": 1, **scores(0.15, 0.6)}],
+        info=info(2000),
+        test=split_scores(0.22),
+    )
+    metrics = {f"val/{k}": v for k, v in scores(0.3, 1.2).items()}
+    write_job(
+        sweep,
+        2,
+        ov[2],
+        info=None,
+        test=split_scores(0.28),
+        ckpt={
+            "epoch": 3,
+            "state_dict": {"model.w": torch.zeros(7, 3), "other": torch.zeros(5)},
+            "captioning": {"metrics": metrics},
+        },
+    )
+    write_job(
+        sweep,
+        3,
+        ov[3],
+        epochs=[{"epoch": 0, **scores(0.05, 0.1)}],
+        info=info(4000, status="failed", error="RuntimeError: out of memory"),
+    )
+    return sweep
+
+
+def test_reads_every_job_with_what_it_left(sweep):
+    s = report.read_sweep(sweep)
+    assert s.swept == ["decoder.hidden_dim", "decoder.attention_dim"]
+    jobs = {j.num: j for j in s.jobs}
+    assert [j.status for j in s.jobs] == ["ok", "ok", "ok", "failed"]
+    assert jobs[0].best_epoch == 1 and jobs[0].val["BLEU-4"] == 0.2 and jobs[0].val["CIDEr"] == 0.9
+    assert jobs[1].best_epoch == 0 and jobs[1].best_score == 0.25
+    assert jobs[0].test["BLEU-4"] == 0.18 and jobs[0].params == 1000
+    # No CSV, no run_info.json: the best checkpoint's stored metrics and weights fill in.
+    assert jobs[2].best_epoch == 3 and jobs[2].val["CIDEr"] == 1.2 and jobs[2].params == 21
+    assert "out of memory" in jobs[3].note and jobs[3].val["BLEU-4"] == 0.05
+    assert [j.num for j in s.ranked()] == [2, 1, 0, 3]
+
+
+def test_writes_markdown_csv_and_plot(sweep):
+    assert report.main([str(sweep)]) == 0
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert len(rows) == 4
+    assert rows[3]["status"] == "failed" and "out of memory" in rows[3]["note"]
+    assert rows[0]["decoder.hidden_dim"] == "32" and rows[0]["decoder.attention_dim"] == "16"
+    assert float(rows[1]["val_bleu4"]) == 0.25 and float(rows[1]["test_cider"]) == 0.7
+    assert rows[0]["train_time_s"] == "61.5" and rows[0]["wandb_run"] == "run1000"
+    md = (sweep / "report.md").read_text()
+    assert "**Best: job 2**" in md and "## Failed jobs" in md and "out of memory" in md
+    assert "val CIDEr-D" in md and "![val/bleu4" in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 4  # header + one row per job, the failed one included
+    assert (sweep / "report.png").stat().st_size > 10_000
+
+
+def test_a_job_killed_mid_run_is_listed_as_failed(tmp_path):
+    write_job(tmp_path, 0, ["optim.decoder_lr=0.001"], info=info(10, status="running"))
+    write_job(tmp_path, 1, ["optim.decoder_lr=0.002"], info=info(10), test=split_scores(0.1))
+    s = report.read_sweep(tmp_path)
+    assert s.swept == ["optim.decoder_lr"]  # it varies between jobs, though no multirun.yaml
+    assert s.jobs[0].status == "failed" and "killed" in s.jobs[0].note
+    assert report.write_report(tmp_path)["png"].is_file()
+
+
+def test_optuna_params_count_as_swept(tmp_path):
+    sweeper = {
+        "params": {
+            "optim.decoder_lr": "tag(log, interval(1e-4, 1e-2))",
+            "decoder.dropout": "interval(0, 0.5)",
+        }
+    }
+    assert report.sweep_keys(tmp_path, sweeper) == ["optim.decoder_lr", "decoder.dropout"]
+
+
+def test_sweep_syntax_is_recognised():
+    assert report._is_sweep("a=1,2") and report._is_sweep("+b=range(1,3)")
+    assert not report._is_sweep("a=1") and not report._is_sweep("logger=wandb")
+    assert report.override_key("+decoder.hidden_dim=64") == "decoder.hidden_dim"
+
+
+def test_cli_rejects_a_directory_without_jobs(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    assert "no Hydra jobs" in capsys.readouterr().err
