@@ -59,8 +59,12 @@ def train(cfg: DictConfig) -> float | None:
     check_checkpoint_dir(ckpt_dir, need_bytes=checkpoint_bytes(module) * (kept + 2))  # + last, tmp
     if resume_from is not None:
         check_resumable(resume_from, ckpt_path, module)
-        log.info("resuming from %s (epoch %s, step %s)", ckpt_path, resume_from.get("epoch"),
-                 resume_from.get("global_step"))
+        log.info(
+            "resuming from %s (epoch %s, step %s)",
+            ckpt_path,
+            resume_from.get("epoch"),
+            resume_from.get("global_step"),
+        )
         continue_csv_logs(trainer.loggers, int(resume_from.get("global_step", 0)))
         del resume_from
     # weights_only: Lightning reads the checkpoint again; nothing in it may run code.
@@ -70,13 +74,18 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.test:
         best_path = ckpt_cb.best_model_path if ckpt_cb is not None else ""
         if ckpt_cb is not None and not best_path:
-            log.warning("no checkpoint with a finite %s was saved: testing the final weights",
-                        cfg.monitor)
+            log.warning(
+                "no checkpoint with a finite %s was saved: testing the final weights", cfg.monitor
+            )
         trainer.test(module, datamodule=dm, ckpt_path=best_path or None, weights_only=True)
         if trainer.is_global_zero:
             metrics = {k: v for k, v in module.test_metrics.items()}
-            out = {"split": "test", "checkpoint": best_path, "decode": dict(cfg.test_decode),
-                   "metrics": metrics}
+            out = {
+                "split": "test",
+                "checkpoint": best_path,
+                "decode": dict(cfg.test_decode),
+                "metrics": metrics,
+            }
             (run_dir / "test_metrics.json").write_text(json.dumps(out, indent=2))
             preds = [{"image_id": k, "caption": v} for k, v in module.test_predictions.items()]
             (run_dir / "test_predictions.json").write_text(json.dumps(preds, indent=1))

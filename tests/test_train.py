@@ -14,7 +14,14 @@ sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
 
 GROUPS = [
-    "data", "encoder", "decoder", "trainer", "callbacks", "logger", "debug", "experiment",
+    "data",
+    "encoder",
+    "decoder",
+    "trainer",
+    "callbacks",
+    "logger",
+    "debug",
+    "experiment",
     "hparams_search",
 ]
 

@@ -41,10 +41,16 @@ def instantiate_all(cfg: Any):
     import hydra
     from omegaconf import OmegaConf
 
-    callbacks = {k: hydra.utils.instantiate(v) for k, v in (cfg.get("callbacks") or {}).items()
-                 if v is not None and "_target_" in v}
-    loggers = [hydra.utils.instantiate(v) for v in (cfg.get("logger") or {}).values()
-               if v is not None and "_target_" in v]
+    callbacks = {
+        k: hydra.utils.instantiate(v)
+        for k, v in (cfg.get("callbacks") or {}).items()
+        if v is not None and "_target_" in v
+    }
+    loggers = [
+        hydra.utils.instantiate(v)
+        for v in (cfg.get("logger") or {}).values()
+        if v is not None and "_target_" in v
+    ]
     if not loggers:
         callbacks.pop("lr_monitor", None)  # it needs a logger
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)

@@ -122,8 +122,12 @@ def drop_empty_captions(refs: list[list[str]], name: str = "") -> tuple[list[lis
     captions = sum(len(a) - len(b) for a, b in zip(refs, kept, strict=True))
     images = sum(1 for a, b in zip(refs, kept, strict=True) if a and not b)
     if captions:
-        log.warning("%s: dropped %d empty caption(s); %d image(s) left without any are not used",
-                    name or "dataset", captions, images)
+        log.warning(
+            "%s: dropped %d empty caption(s); %d image(s) left without any are not used",
+            name or "dataset",
+            captions,
+            images,
+        )
     return kept, captions, images
 
 

@@ -90,14 +90,24 @@ class CaptionModel:
         return torch.stack([t(im.convert("RGB")) for im in images]).to(self.device)  # (B, 3, S, S)
 
     @torch.no_grad()
-    def caption_tensor(self, images: Tensor, beam_size: int = 3, max_len: int | None = None,
-                       length_penalty: float = 1.0, allow_unk: bool = False
-                       ) -> list[list[Hypothesis]]:
+    def caption_tensor(
+        self,
+        images: Tensor,
+        beam_size: int = 3,
+        max_len: int | None = None,
+        length_penalty: float = 1.0,
+        allow_unk: bool = False,
+    ) -> list[list[Hypothesis]]:
         feats = self.model.encode(images)  # (B, N, D)
         return generate(
-            self.model.decoder, feats, beam_size=beam_size, start_id=self.vocab.start_id,
-            end_id=self.vocab.end_id, pad_id=self.vocab.pad_id,
-            max_len=max_len or self.vocab.max_len, length_penalty=length_penalty,
+            self.model.decoder,
+            feats,
+            beam_size=beam_size,
+            start_id=self.vocab.start_id,
+            end_id=self.vocab.end_id,
+            pad_id=self.vocab.pad_id,
+            max_len=max_len or self.vocab.max_len,
+            length_penalty=length_penalty,
             banned=self.vocab.banned(allow_unk),
         )
 
@@ -126,8 +136,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> CaptionM
     # The trained weights come from the checkpoint, so never fetch the pretrained ones again.
     encoder_cfg = {**info["encoder"], "pretrained": False}
     model = build_captioner(encoder_cfg, info["decoder"], len(vocab))
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
-             if k.startswith("model.")}
+    state = {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

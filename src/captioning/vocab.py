@@ -11,6 +11,7 @@ SPECIALS = (PAD, START, END, UNK)
 
 __all__ = ["Vocab", "tokenize", "SPECIALS"]
 
+
 class Vocab:
     """Word <-> id table; ids 0..3 are <pad>, <start>, <end>, <unk>."""
 
