@@ -31,7 +31,7 @@ def evaluate(cfg: DictConfig) -> dict:
     dm = CaptionDataModule(
         data_cfg, cache_dir=cfg.paths.cache_dir, preprocess=cm.preprocess, vocab=cm.vocab
     )
-    dataset = dm.dataset(cfg.split)
+    dataset = dm.dataset(cfg.split, evaluation=True)
     batch_size = int(cfg.batch_size or data_cfg.get("eval_batch_size", 100))
     d = cfg.decode
     preds, refs, hyps = caption_dataset(

@@ -40,13 +40,13 @@ def test_overfits_a_few_samples(tmp_path, data_cache):
             f"hydra.run.dir={tmp_path}",
             "data.args.num_train=32",
             "data.batch_size=32",
-            "trainer.max_epochs=60",
+            "trainer.max_epochs=150",
             "optim.scheduler=none",
             "decoder.hidden_dim=128",
             "decoder.embed_dim=64",
             "test=false",
             "callbacks.early_stopping=null",
-            "trainer.check_val_every_n_epoch=30",
+            "trainer.check_val_every_n_epoch=50",
         ],
         data_cache,
     )
@@ -64,7 +64,7 @@ def test_overfits_a_few_samples(tmp_path, data_cache):
         data_cache,
     )
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
-    assert metrics["BLEU-4"] > 0.8, metrics
+    assert metrics["BLEU-4"] > 0.8, metrics  # memorised: near 1.0
 
 
 def test_train_then_evaluate_matches_training_test(tmp_path, data_cache):

@@ -234,22 +234,26 @@ class CaptionDataModule(L.LightningDataModule):
             "vocab_size": len(self.vocab),
         }
 
-    def dataset(self, split: str) -> CaptionDataset:
+    def dataset(self, split: str, evaluation: bool = False) -> CaptionDataset:
+        """A split's dataset: (image, caption) pairs for training, or one row per image with all
+        its references when `evaluation` is set or the split is not "train"."""
         self.load()
         if split not in self.splits:
             raise ConfigError(f"unknown split {split!r}; valid choices: {', '.join(self.splits)}")
         if self.preprocess is None:
             raise RuntimeError("set the encoder's preprocessing before building datasets")
-        if split not in self.datasets:
-            self.datasets[split] = CaptionDataset(
+        train = split == "train" and not evaluation
+        key = split if train or split != "train" else "train-eval"
+        if key not in self.datasets:
+            self.datasets[key] = CaptionDataset(
                 self.splits[split],
                 self.vocab,
                 self.preprocess,
-                train=split == "train",
+                train=train,
                 preload=bool(self.cfg.get("preload", False)),
                 name=f"{self.cfg['name']}/{split}",
             )
-        return self.datasets[split]
+        return self.datasets[key]
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
