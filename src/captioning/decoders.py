@@ -176,7 +176,7 @@ class SoftAttentionDecoder(Decoder):
 
 
 class ShowTellDecoder(Decoder):
-    """"Show and Tell" baseline: the mean image feature is the LSTM's first input, no attention."""
+    """ "Show and Tell" baseline: the mean image feature is the LSTM's first input, no attention."""
 
     def __init__(
         self,
@@ -206,7 +206,7 @@ class ShowTellDecoder(Decoder):
 
 
 class MergeDecoder(Decoder):
-    """"Merge" baseline: the LSTM reads words only; its state is merged with the image by a dense layer."""
+    """ "Merge" baseline: the LSTM reads words only; its state is merged with the image by a dense layer."""
 
     def __init__(
         self,

@@ -34,7 +34,12 @@ def _select(xs: tuple[Tensor, ...], idx: Tensor) -> tuple[Tensor, ...]:
 
 @torch.no_grad()
 def greedy_search(
-    decoder: Decoder, feats: Tensor, *, start_id: int, end_id: int, max_len: int = 20,
+    decoder: Decoder,
+    feats: Tensor,
+    *,
+    start_id: int,
+    end_id: int,
+    max_len: int = 20,
     banned: tuple[int, ...] = (),
 ) -> list[Hypothesis]:
     """Pick the most likely word at every step; at most `max_len` words, then <end>."""
@@ -124,7 +129,9 @@ def beam_search(
         origin, word = flat // V, flat % V  # beam each candidate extends, and its word
         finished = finished.gather(1, origin)
         lengths = lengths.gather(1, origin) + (~finished).long()
-        seqs = torch.cat([seqs.gather(1, origin.unsqueeze(2).expand_as(seqs)), word.unsqueeze(2)], 2)
+        seqs = torch.cat(
+            [seqs.gather(1, origin.unsqueeze(2).expand_as(seqs)), word.unsqueeze(2)], 2
+        )
         beam_rows = (base + origin).view(-1)  # (B*K,) rows of the beams being extended
         state = _select(state, beam_rows)
         if alpha is not None:
@@ -175,8 +182,9 @@ def generate(
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if beam_size == 1:
-        hyps = greedy_search(decoder, feats, start_id=start_id, end_id=end_id, max_len=max_len,
-                             banned=banned)
+        hyps = greedy_search(
+            decoder, feats, start_id=start_id, end_id=end_id, max_len=max_len, banned=banned
+        )
         return [[h] for h in hyps]
     return beam_search(
         decoder,
