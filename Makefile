@@ -35,5 +35,15 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+bench: $(STAMP)            ## speed and memory benchmarks (CPU; GPU when there is one): outputs/bench/*.json + README.md, see docs/performance.md
+	$(BIN)/python benchmarks/beam_search.py --beam 3
+	$(BIN)/python benchmarks/beam_search.py --beam 5 --bf16
+	$(BIN)/python benchmarks/train_step.py --bf16
+	$(BIN)/python benchmarks/memory.py --size flickr8k
+	$(BIN)/python benchmarks/memory.py --size flickr8k --malloc-fix
+	$(BIN)/python benchmarks/memory.py --size coco
+	$(BIN)/python benchmarks/gpu_train.py
+	$(BIN)/python benchmarks/report.py
+
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -51,6 +51,7 @@ def train(cfg: DictConfig) -> float | None:
         test_decode=OmegaConf.to_container(cfg.test_decode, resolve=True),
         data_info=dm.info(),
         monitor=cfg.monitor,
+        compile=bool(cfg.get("compile", False)),
     )
     if dm.use_feature_cache(module.model.encoder):
         log.info("frozen encoder: training from cached features under %s", dm.cache_dir)

@@ -80,6 +80,15 @@ def greedy_search(
     return out
 
 
+# Beam search runs this many images at a time: enough rows per step that the decoder's weights
+# are read once for many beams, few enough that a step's attention tensors (C, K, N, A) stay
+# near the cache (benchmarks/beam_search.py --chunks picks it).
+CHUNK_SIZE = 128
+# Images whose beams have all ended leave the batch once they are this fraction of it: each
+# compaction copies the remaining images' memory, so it waits until it saves more than that.
+COMPACT_FRACTION = 0.125
+
+
 @torch.no_grad()
 def beam_search(
     decoder: Decoder,
@@ -92,78 +101,170 @@ def beam_search(
     max_len: int = 20,
     length_penalty: float = 1.0,
     banned: tuple[int, ...] = (),
+    chunk_size: int = CHUNK_SIZE,
 ) -> list[list[Hypothesis]]:
     """Beam search for a batch of images at once; returns each image's beams, best first.
 
     Finished beams stay in the beam with a frozen score (they can only continue with <pad> at
-    no cost), so every tensor keeps its (B, K) shape. Beams are ranked at the end by
+    no cost), so every tensor of an image keeps its K beams. Beams are ranked at the end by
     logprob / length**length_penalty, since raw summed log-probability favours short captions.
+
+    Each image's result depends on that image alone, so the batch is cut into chunks of
+    `chunk_size` images, an image leaves its chunk once all its beams have ended, the K beams
+    of an image share one copy of its memory (`Decoder.step_grouped`), and the first step runs
+    once per image, since all its beams are still the same.
     """
-    B, K, device = feats.size(0), beam_size, feats.device
-    memory = decoder.prepare(feats)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out: list[list[Hypothesis]] = []
+    for s in range(0, feats.size(0), chunk_size):
+        out += _beam_chunk(
+            decoder,
+            feats[s : s + chunk_size],
+            beam_size,
+            start_id,
+            end_id,
+            pad_id,
+            max_len,
+            length_penalty,
+            banned,
+        )
+    return out
+
+
+def _beam_chunk(
+    decoder: Decoder,
+    feats: Tensor,
+    K: int,
+    start_id: int,
+    end_id: int,
+    pad_id: int,
+    max_len: int,
+    length_penalty: float,
+    banned: tuple[int, ...],
+) -> list[list[Hypothesis]]:
+    # A: images still running; G: state rows per image (1 before the first word, then K)
+    C, device = feats.size(0), feats.device
+    memory = decoder.prepare(feats)  # per image, never repeated per beam
     state = decoder.init_state(memory)
-    rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) image of each beam
-    memory, state = _select(memory, rows), _select(state, rows)
-    tokens = torch.full((B * K,), start_id, dtype=torch.long, device=device)
-    scores = torch.full((B, K), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # at the first step all beams are the same; keep one
-    finished = torch.zeros(B, K, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, K, dtype=torch.long, device=device)
-    seqs = torch.zeros(B, K, 0, dtype=torch.long, device=device)
-    hist: Tensor | None = None  # (B, K, L, N)
-    base = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
+    img = torch.arange(C, device=device)  # (A,) position in the chunk of each running image
+    tokens = torch.full((C,), start_id, dtype=torch.long, device=device)
+    G = 1
+    scores = torch.zeros(C, 1, device=device)  # (A, G) summed log-probability
+    finished = torch.zeros(C, 1, dtype=torch.bool, device=device)
+    lengths = torch.zeros(C, 1, dtype=torch.long, device=device)  # words, <end> included
+    seqs = torch.zeros(C, 1, 0, dtype=torch.long, device=device)  # (A, G, t)
+    hist: Tensor | None = None  # (A, G, t, N) attention per word
+    results: list[list[Hypothesis]] = [[] for _ in range(C)]
+    pad_row: Tensor | None = None  # (V,): an ended beam's only continuation, <pad>, at no cost
     for t in range(max_len + 1):
-        logits, state, alpha = decoder.step(tokens, state, memory)
-        logp = _ban(logits.float().log_softmax(dim=-1), banned)  # (B*K, V)
+        A, live = img.numel(), ~finished  # live (A, G)
+        if t == 0 or bool(live.all()):
+            logits, state, alpha = decoder.step_grouped(tokens, state, memory, G)
+            logp = _log_probs(logits, banned, end_id, t == max_len)  # (A*G, V)
+        else:  # ended beams can only add <pad>: the step leaves them out
+            rows = live.view(-1).nonzero().squeeze(1)  # (R,)
+            logits, new, alpha_r = decoder.step_grouped(
+                tokens[rows], _select(state, rows), memory, live.sum(dim=1).tolist()
+            )
+            state = tuple(
+                s.index_copy(0, rows, x.to(s.dtype)) for s, x in zip(state, new, strict=True)
+            )
+            scored = _log_probs(logits, banned, end_id, t == max_len)  # (R, V)
+            logp = pad_row.expand(A * G, -1).index_copy(0, rows, scored)  # (A*G, V)
+            alpha = None
+            if alpha_r is not None:
+                alpha = alpha_r.new_zeros(A * G, alpha_r.size(1)).index_copy_(0, rows, alpha_r)
         V = logp.size(-1)
-        logp = logp.view(B, K, V)
-        if t == max_len:  # only <end> may follow the longest caption allowed
-            forced = torch.full_like(logp, float("-inf"))
-            forced[..., end_id] = logp[..., end_id]
-            logp = forced
-        pad_row = torch.full((V,), float("-inf"), device=device)
-        pad_row[pad_id] = 0.0
-        logp = torch.where(finished.unsqueeze(2), pad_row, logp)
-        cand = (scores.unsqueeze(2) + logp).view(B, K * V)
-        scores, flat = cand.topk(K, dim=1)  # (B, K)
+        if pad_row is None:
+            pad_row = torch.full((V,), float("-inf"), device=device)
+            pad_row[pad_id] = 0.0
+        logp = logp.view(A, G, V)
+        cand = (scores.unsqueeze(2) + logp).view(A, G * V)
+        scores, flat = cand.topk(K, dim=1)  # (A, K)
         origin, word = flat // V, flat % V  # beam each candidate extends, and its word
         finished = finished.gather(1, origin)
         lengths = lengths.gather(1, origin) + (~finished).long()
         seqs = torch.cat(
-            [seqs.gather(1, origin.unsqueeze(2).expand_as(seqs)), word.unsqueeze(2)], 2
+            [seqs.gather(1, origin.unsqueeze(2).expand(A, K, t)), word.unsqueeze(2)], 2
         )
-        beam_rows = (base + origin).view(-1)  # (B*K,) rows of the beams being extended
+        beam_rows = (torch.arange(A, device=device).unsqueeze(1) * G + origin).view(-1)  # (A*K,)
         state = _select(state, beam_rows)
         if alpha is not None:
-            a = alpha.float().index_select(0, beam_rows).view(B, K, 1, -1)  # (B, K, 1, N)
+            a = alpha.float().index_select(0, beam_rows).view(A, K, 1, -1)  # (A, K, 1, N)
             if hist is None:
                 hist = a
             else:
-                hist = hist.gather(1, origin[:, :, None, None].expand_as(hist))
-                hist = torch.cat([hist, a], dim=2)  # (B, K, t + 1, N)
+                hist = hist.gather(1, origin[:, :, None, None].expand(A, K, t, hist.size(3)))
+                hist = torch.cat([hist, a], dim=2)  # (A, K, t + 1, N)
         finished = finished | (word == end_id)
         tokens = word.view(-1)
-        if bool(finished.all()):
+        G = K
+        done = finished.all(dim=1)  # (A,)
+        n_done = int(done.sum())
+        if n_done == 0 or (n_done < A and n_done < COMPACT_FRACTION * A):
+            continue
+        rows = done.nonzero().squeeze(1)
+        _emit(
+            results,
+            img[rows],
+            scores[rows],
+            lengths[rows],
+            seqs[rows],
+            None if hist is None else hist[rows],
+            length_penalty,
+        )
+        if n_done == A:
             break
-    norm = scores / lengths.clamp(min=1).float() ** length_penalty
-    order = norm.argsort(dim=1, descending=True)
-    seqs_l, lengths_l = seqs.tolist(), lengths.tolist()
+        keep = (~done).nonzero().squeeze(1)  # (A',)
+        img, scores, finished, lengths, seqs = (
+            x[keep] for x in (img, scores, finished, lengths, seqs)
+        )
+        hist = None if hist is None else hist[keep]
+        memory = _select(memory, keep)
+        keep_rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)  # (A'*K,)
+        state, tokens = _select(state, keep_rows), tokens[keep_rows]
+    return results
+
+
+def _log_probs(logits: Tensor, banned: tuple[int, ...], end_id: int, last: bool) -> Tensor:
+    """Log-probabilities (R, V) of the next word; at the last step allowed, <end> only."""
+    logp = _ban(logits.float().log_softmax(dim=-1), banned)
+    if last:
+        forced = torch.full_like(logp, float("-inf"))
+        forced[:, end_id] = logp[:, end_id]
+        logp = forced
+    return logp
+
+
+def _emit(
+    results: list[list[Hypothesis]],
+    img: Tensor,
+    scores: Tensor,
+    lengths: Tensor,
+    seqs: Tensor,
+    hist: Tensor | None,
+    length_penalty: float,
+) -> None:
+    """Write the ranked beams of images that have ended into `results` at their positions."""
+    norm = scores / lengths.clamp(min=1).float() ** length_penalty  # (R, K)
+    order = norm.argsort(dim=1, descending=True).tolist()
+    norm_l, scores_l, lengths_l = norm.tolist(), scores.tolist(), lengths.tolist()
+    seqs_l = seqs.tolist()
     hist_c = None if hist is None else hist.cpu()
-    out = []
-    for b in range(B):
+    for r, i in enumerate(img.tolist()):
         beams = []
-        for k in order[b].tolist():
-            n = lengths_l[b][k] - 1  # words before <end>
+        for k in order[r]:
+            n = lengths_l[r][k] - 1  # words before <end>
             beams.append(
                 Hypothesis(
-                    tokens=seqs_l[b][k][:n],
-                    score=float(norm[b, k]),
-                    logprob=float(scores[b, k]),
-                    alphas=None if hist_c is None else hist_c[b, k, :n],
+                    tokens=seqs_l[r][k][:n],
+                    score=norm_l[r][k],
+                    logprob=scores_l[r][k],
+                    alphas=None if hist_c is None else hist_c[r, k, :n],
                 )
             )
-        out.append(beams)
-    return out
+        results[i] = beams
 
 
 def generate(
@@ -177,6 +278,7 @@ def generate(
     max_len: int = 20,
     length_penalty: float = 1.0,
     banned: tuple[int, ...] = (),
+    chunk_size: int = CHUNK_SIZE,
 ) -> list[list[Hypothesis]]:
     """Captions for a batch of region features: greedy for beam 1, else beam search."""
     if beam_size < 1:
@@ -196,4 +298,5 @@ def generate(
         max_len=max_len,
         length_penalty=length_penalty,
         banned=banned,
+        chunk_size=chunk_size,
     )

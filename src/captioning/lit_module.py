@@ -42,6 +42,7 @@ class CaptioningModule(L.LightningModule):
         test_decode: dict[str, Any],
         data_info: dict[str, Any] | None = None,
         monitor: str = "val/bleu4",
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -51,6 +52,8 @@ class CaptioningModule(L.LightningModule):
         if monitor not in ("val/bleu4", "val/cider"):
             raise ConfigError(f"monitor must be one of val/bleu4, val/cider; got {monitor!r}")
         self.monitor = monitor
+        if compile:  # torch.compile of the decoder's training step; weights keep their keys
+            self.model.decoder.compile_step()
         self._outputs: list[tuple[str, str, list[str]]] = []
         self.best: float = -math.inf
         self.test_predictions: dict[str, str] = {}
@@ -66,7 +69,9 @@ class CaptioningModule(L.LightningModule):
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         captions = batch["captions"]  # (B, L): <start> w1 .. wn <end> <pad>..
         inputs, targets = captions[:, :-1], captions[:, 1:]  # (B, T) each
-        logits, alphas = self.model.decoder(self.features(batch), inputs)  # (B,T,V), (B,T,N)
+        # lengths: the decoder skips the padding steps of each row (their logits are masked)
+        lengths = (targets != self.vocab.pad_id).sum(1)  # (B,)
+        logits, alphas = self.model.decoder(self.features(batch), inputs, lengths=lengths)
         ce = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocab.pad_id
         )
@@ -101,7 +106,8 @@ class CaptioningModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, Any], decode: dict[str, Any], stage: str) -> None:
         feats = self.features(batch)
         captions = batch["captions"]
-        logits, _ = self.model.decoder(feats, captions[:, :-1])
+        lengths = (captions[:, 1:] != self.vocab.pad_id).sum(1)  # (B,)
+        logits, _ = self.model.decoder(feats, captions[:, :-1], lengths=lengths)
         ce = F.cross_entropy(
             logits.flatten(0, 1).float(), captions[:, 1:].flatten(), ignore_index=self.vocab.pad_id
         )

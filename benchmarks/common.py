@@ -1,0 +1,165 @@
+"""Shared by the benchmarks: the machine, timing under load, the Flickr8k model and features.
+
+This machine is shared, so every result records the load average beside it, and timings are
+taken as CPU time of this process as well as wall time: CPU time is what the work costs and
+moves less when other processes compete for the cores; wall time under load is an upper bound.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "outputs" / "bench"
+FEATURES = ROOT / "outputs" / "cache" / "features"
+CHECKPOINTS = ROOT / "outputs" / "flickr8k" / "lite2_soft" / "checkpoints"
+
+# The flickr8k experiment's decoder (conf/experiment/flickr8k.yaml) on EfficientNet-Lite2's
+# 9x9x1280 map, with the vocabulary the lead's run built (2538 words with min_word_freq 5).
+FLICKR8K_DECODER = {"embed_dim": 512, "hidden_dim": 512, "attention_dim": 512, "alpha_c": 1.0}
+FLICKR8K_VOCAB, LITE2_REGIONS, LITE2_DIM = 2538 + 4, 81, 1280
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model and cores (from lscpu), torch threads, bf16 support, and the load right now."""
+    info: dict[str, Any] = {"machine": platform.machine()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        lscpu = ""
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["cpu"] = fields.get("Model name", platform.processor() or "unknown")
+    info["cores"] = os.cpu_count()
+    flags = fields.get("Flags", "").split()
+    info["avx512_bf16"] = "avx512_bf16" in flags
+    info["amx_bf16"] = "amx_bf16" in flags
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+    info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def load_avg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def measure(fn: Callable[[], Any], repeat: int = 3) -> dict[str, float]:
+    """Median and min of wall and CPU seconds over `repeat` calls (after one warm-up call)."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    return {
+        "wall_s": statistics.median(wall),
+        "wall_min_s": min(wall),
+        "cpu_s": statistics.median(cpu),
+        "cpu_min_s": min(cpu),
+    }
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3) -> dict[str, dict[str, float]]:
+    """`measure` for several variants, alternating them so that load changes hit all alike."""
+    for fn in fns.values():
+        fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - t0)
+    return {
+        k: {
+            "wall_s": statistics.median(wall[k]),
+            "wall_min_s": min(wall[k]),
+            "cpu_s": statistics.median(cpu[k]),
+            "cpu_min_s": min(cpu[k]),
+        }
+        for k in fns
+    }
+
+
+def lite2_test_features() -> tuple[torch.Tensor, str] | None:
+    """The cached EfficientNet-Lite2 features of Flickr8k's 1000 test images, if cached yet.
+
+    The test split's directory is the one whose image ids are those of the converted
+    dataset's test split (the val split also has 1000 images).
+    """
+    import numpy as np
+
+    test_ids = None
+    for d in sorted(glob.glob(str(ROOT / "outputs" / "cache" / "flickr8k-*"))):
+        try:
+            import datasets
+
+            test_ids = list(datasets.load_from_disk(d)["test"]["image_id"])
+            break
+        except Exception:  # a conversion still in progress, or another layout
+            continue
+    for d in sorted(glob.glob(str(FEATURES / "efficientnet_lite2-*"))):
+        ids_file = Path(d) / "image_ids.json"
+        if not ids_file.is_file():
+            continue
+        ids = json.loads(ids_file.read_text())
+        if len(ids) == 1000 and (test_ids is None or ids == test_ids):
+            feats = np.load(Path(d) / "features.npy", mmap_mode="r")
+            return torch.from_numpy(np.asarray(feats, dtype=np.float32)), d
+    return None
+
+
+def flickr8k_decoder(seed: int = 0):
+    """The trained flickr8k decoder if its checkpoint exists, else a random one of that size.
+
+    Returns (decoder in eval mode, vocab ids dict, description).
+    """
+    ckpts = sorted(glob.glob(str(CHECKPOINTS / "*.ckpt")), key=os.path.getmtime)
+    best = [c for c in ckpts if not c.endswith("last.ckpt")] or ckpts
+    if best:
+        from captioning.inference import load_model
+
+        cm = load_model(best[-1])
+        v = cm.vocab
+        ids = {
+            "start_id": v.start_id,
+            "end_id": v.end_id,
+            "pad_id": v.pad_id,
+            "banned": v.banned(),
+            "max_len": v.max_len,
+        }
+        return cm.model.decoder.eval(), ids, f"trained checkpoint {best[-1]}"
+    from captioning.decoders import build_decoder
+
+    torch.manual_seed(seed)
+    dec = build_decoder(
+        "soft_attention",
+        vocab_size=FLICKR8K_VOCAB,
+        encoder_dim=LITE2_DIM,
+        dropout=0.5,
+        **FLICKR8K_DECODER,
+    )
+    ids = {"start_id": 1, "end_id": 2, "pad_id": 0, "banned": (0, 1, 3), "max_len": 20}
+    return dec.eval(), ids, "randomly initialised decoder of the flickr8k experiment's size"
+
+
+def write_result(name: str, result: dict[str, Any], out: Path = OUT) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path
