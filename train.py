@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import instantiate_all, resolve_ckpt_path, run_safely
 from captioning.datamodule import CaptionDataModule
+from captioning.errors import ConfigError
+from captioning.features import weights_digest
 from captioning.inference import read_checkpoint
 from captioning.lit_module import CaptioningModule
 from captioning.reliability import (
@@ -22,6 +24,8 @@ from captioning.reliability import (
     checkpoint_bytes,
     continue_csv_logs,
 )
+from captioning.scst import check_config as scst_config
+from captioning.vocab import Vocab
 
 log = logging.getLogger("train")
 
@@ -40,11 +44,39 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir, resume=cfg.get("resume", "never"))
     resume_from = read_checkpoint(ckpt_path) if ckpt_path else None
 
+    encoder_cfg = OmegaConf.to_container(cfg.encoder, resolve=True)
+    decoder_cfg = OmegaConf.to_container(cfg.decoder, resolve=True)
+    # init_from: start from a trained model (e.g. self-critical after cross-entropy); its
+    # checkpoint fixes the vocabulary and the architecture, the config everything else.
+    scst = scst_config(OmegaConf.to_container(cfg.scst, resolve=True)) if cfg.get("scst") else None
+    if scst and not cfg.get("init_from") and not cfg.ckpt_path:
+        raise ConfigError(
+            "self-critical training starts from a trained model: give init_from=<checkpoint.ckpt>"
+        )
+    init = read_checkpoint(cfg.init_from) if cfg.get("init_from") else None
+    vocab = None
+    if init is not None:
+        info = init["captioning"]
+        encoder_cfg = dict(info["encoder"])
+        if encoder_cfg.get("fine_tune", "none") != "none":
+            # The weights come from the checkpoint: never fetch the pretrained ones again. A
+            # frozen encoder is built as it was, so its cached features are found again.
+            encoder_cfg["pretrained"] = False
+        decoder_cfg = dict(info["decoder"])
+        vocab = Vocab.from_dict(info["vocab"])
+        log.info("initialising from %s (%s + %s)", cfg.init_from, encoder_cfg, decoder_cfg)
+
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    dm = CaptionDataModule(data_cfg, cache_dir=cfg.paths.cache_dir, seed=cfg.seed).load()
+    dm = CaptionDataModule(
+        data_cfg,
+        cache_dir=cfg.paths.cache_dir,
+        seed=cfg.seed,
+        vocab=vocab,
+        train_per_image=bool(scst),
+    ).load()
     module = CaptioningModule(
-        encoder=OmegaConf.to_container(cfg.encoder, resolve=True),
-        decoder=OmegaConf.to_container(cfg.decoder, resolve=True),
+        encoder=encoder_cfg,
+        decoder=decoder_cfg,
         vocab=dm.vocab.to_dict(),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         val_decode=OmegaConf.to_container(cfg.val_decode, resolve=True),
@@ -52,7 +84,14 @@ def train(cfg: DictConfig) -> float | None:
         data_info=dm.info(),
         monitor=cfg.monitor,
         compile=bool(cfg.get("compile", False)),
+        scst=scst,
     )
+    if init is not None:
+        sd = init["state_dict"]
+        module.model.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()})
+        if encoder_cfg.get("fine_tune", "none") != "none":  # fine-tuned weights: their own cache
+            module.model.encoder.weights_id = "init:" + weights_digest(module.model.encoder)
+        del init
     if dm.use_feature_cache(module.model.encoder):
         log.info("frozen encoder: training from cached features under %s", dm.cache_dir)
     log.info("data %s: %s, vocabulary %d words", dm.cfg["name"], dm.info()["sizes"], len(dm.vocab))

@@ -29,7 +29,7 @@ def test_shapes(name):
     feats = torch.randn(3, N, D)
     logits, alphas = dec(feats, captions())
     assert logits.shape == (3, 7, V)
-    if name == "soft_attention":
+    if name in ("soft_attention", "hard_attention"):
         assert alphas.shape == (3, 7, N)
     else:
         assert alphas is None
@@ -130,3 +130,11 @@ def test_unknown_decoder_lists_choices():
 def test_unknown_decoder_option_is_config_error():
     with pytest.raises(ConfigError, match="soft_attention"):
         build_decoder("soft_attention", vocab_size=V, encoder_dim=D, hiden_dim=3)
+
+
+def test_options_of_other_decoders_are_dropped_not_typos():
+    """experiment=flickr8k decoder=show_tell: attention options do not break the swap."""
+    dec = build_decoder("show_tell", vocab_size=V, encoder_dim=D, attention_dim=8, alpha_c=1.0)
+    assert type(dec).__name__ == "ShowTellDecoder"
+    with pytest.raises(ConfigError, match="attention_dims"):
+        build_decoder("show_tell", vocab_size=V, encoder_dim=D, attention_dims=8)

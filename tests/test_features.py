@@ -56,3 +56,18 @@ def test_cache_reused_and_keyed(tmp_path):
 def test_trainable_encoder_does_not_cache(tmp_path):
     dm = CaptionDataModule(DATA, cache_dir=str(tmp_path))
     assert not dm.use_feature_cache(build_encoder("small_cnn", fine_tune="all"))
+
+
+def test_features_beyond_fp16_are_an_error_not_inf(tmp_path):
+    """An encoder whose features overflow fp16 (e.g. an untrained deep net) gets a clear error."""
+    import pytest
+
+    from captioning.errors import DataError
+
+    enc = build_encoder("small_cnn", fine_tune="none")
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.mul_(1e3)
+    with pytest.raises(DataError, match="fp16 range"):
+        module(tmp_path, enc)
+    assert not any((tmp_path / "features").glob("*/features.npy"))  # nothing half-written kept

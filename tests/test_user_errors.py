@@ -29,8 +29,10 @@ def train(*args: str, tmp_path) -> subprocess.CompletedProcess:
         (["encoder.fine_tune=some"], ["none", "top", "all"]),
         (["monitor=val/meteor"], ["val/bleu4", "val/cider"]),
         (["optim.scheduler=linear"], ["none", "cosine", "plateau"]),
+        (["debug=tiny", "scst={baseline: max}", "init_from=x.ckpt"], ["greedy", "mean"]),
+        (["debug=tiny", "scst={samples: 5}"], ["init_from="]),
     ],
-    ids=["encoder", "decoder", "fine_tune", "monitor", "scheduler"],
+    ids=["encoder", "decoder", "fine_tune", "monitor", "scheduler", "scst", "scst_init"],
 )
 def test_invalid_choice_lists_valid_ones(args, expected, tmp_path):
     proc = train(*args, tmp_path=tmp_path)

@@ -163,6 +163,7 @@ class CaptionDataModule(L.LightningDataModule):
         preprocess: Preprocess | None = None,
         seed: int = 0,
         vocab: Vocab | None = None,
+        train_per_image: bool = False,
     ):
         super().__init__()
         self.cfg = dict(data)
@@ -176,6 +177,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.splits: dict[str, Any] | None = None
         self.datasets: dict[str, CaptionDataset] = {}
         self.encoder: Encoder | None = None  # set by use_feature_cache
+        # Train on images with all their references (self-critical), not (image, caption) pairs.
+        self.train_per_image = train_per_image
 
     def use_feature_cache(self, encoder: Encoder) -> bool:
         """Train from cached features when the encoder is frozen (data.feature_cache: auto)."""
@@ -261,14 +264,17 @@ class CaptionDataModule(L.LightningDataModule):
             for split in self.splits:
                 ds = self.dataset(split)
                 ds.features = load_features(self._feature_dir(split), ds.image_ids)
+            if self.train_per_image:  # the same images in the same order: the same features
+                self.dataset("train", evaluation=True).features = self.dataset("train").features
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
         bs = int(self.cfg["batch_size"] if train else self.cfg.get("eval_batch_size", 100))
         g = torch.Generator()
         g.manual_seed(self.seed)
+        per_image = train and self.train_per_image
         return DataLoader(
-            self.dataset(split),
+            self.dataset(split, evaluation=per_image),
             batch_size=bs,
             shuffle=train,
             num_workers=workers,

@@ -300,3 +300,45 @@ def generate(
         banned=banned,
         chunk_size=chunk_size,
     )
+
+
+@torch.no_grad()
+def sample(
+    decoder: Decoder,
+    feats: Tensor,
+    *,
+    num_samples: int,
+    start_id: int,
+    end_id: int,
+    pad_id: int = 0,
+    max_len: int = 20,
+    temperature: float = 1.0,
+    banned: tuple[int, ...] = (),
+) -> Tensor:
+    """Draw `num_samples` captions per image from the decoder (self-critical training).
+
+    Returns tokens (B * S, L): the S samples of image b are rows b*S .. b*S+S-1, each its words
+    then <end> then <pad>; at most `max_len` words, then <end> (as in greedy search). The samples
+    of an image share its memory (`Decoder.step_grouped`), as beams do.
+    """
+    if num_samples < 1 or temperature <= 0:
+        raise ValueError("num_samples must be >= 1 and temperature > 0")
+    B, S = feats.size(0), num_samples
+    memory = decoder.prepare(feats)
+    state = tuple(s.repeat_interleave(S, dim=0) for s in decoder.init_state(memory))  # (BS, ..)
+    tokens = torch.full((B * S,), start_id, dtype=torch.long, device=feats.device)
+    done = torch.zeros(B * S, dtype=torch.bool, device=feats.device)
+    out = []
+    for t in range(max_len + 1):
+        logits, state, _ = decoder.step_grouped(tokens, state, memory, S)
+        if t == max_len:  # the longest caption allowed: only <end> may follow
+            tokens = torch.full_like(tokens, end_id)
+        else:
+            logp = _ban((logits.float() / temperature).log_softmax(dim=-1), banned)  # (BS, V)
+            tokens = torch.multinomial(logp.exp(), 1).squeeze(1)
+        tokens = tokens.masked_fill(done, pad_id)
+        out.append(tokens)
+        done = done | (tokens == end_id)
+        if bool(done.all()):
+            break
+    return torch.stack(out, 1)  # (BS, L)

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .encoders import Encoder
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,15 @@ def cache_key(encoder: Encoder, split_fingerprint: str) -> dict[str, Any]:
         "grid": encoder.grid,
         "split": split_fingerprint,
     }
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights, for weights that have no name (fine-tuned ones)."""
+    h = hashlib.sha1()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def cache_dir_for(root: str | Path, key: dict[str, Any]) -> Path:
@@ -82,6 +92,12 @@ def compute_features(
             if mm is None:
                 shape = (len(dataset.image_ids), *feats.shape[1:])
                 mm = np.lib.format.open_memmap(tmp / "features.npy", "w+", np.float16, shape)
+            if not np.isfinite(feats).all() or np.abs(feats).max() > np.finfo(np.float16).max:
+                raise DataError(
+                    f"{encoder.name} features are not finite or exceed the fp16 range of the "
+                    f"cache (max |x| = {np.abs(feats).max():.3g}): are the encoder's weights "
+                    "those of a trained network? Train with data.feature_cache=false instead"
+                )
             mm[row : row + len(feats)] = feats
             row += len(feats)
             if row >= next_report and row < total:  # long for big encoders on a CPU

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from . import __version__
 from .decoding import generate
 from .errors import ConfigError
-from .metrics import score_corpus
+from .metrics import CiderD, score_corpus
 from .model import build_captioner
+from .scst import check_config as scst_config
+from .scst import self_critical_step
 from .vocab import Vocab
 
 CHECKPOINT_FORMAT = 1  # bump when the "captioning" block of a checkpoint changes incompatibly
@@ -43,6 +45,7 @@ class CaptioningModule(L.LightningModule):
         data_info: dict[str, Any] | None = None,
         monitor: str = "val/bleu4",
         compile: bool = False,
+        scst: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -52,6 +55,9 @@ class CaptioningModule(L.LightningModule):
         if monitor not in ("val/bleu4", "val/cider"):
             raise ConfigError(f"monitor must be one of val/bleu4, val/cider; got {monitor!r}")
         self.monitor = monitor
+        # Self-critical stage (captioning/scst.py): batches are images with their references.
+        self.scst = scst_config(scst) if scst else None
+        self._cider: CiderD | None = None
         if compile:  # torch.compile of the decoder's training step; weights keep their keys
             self.model.decoder.compile_step()
         self._outputs: list[tuple[str, str, list[str]]] = []
@@ -72,20 +78,50 @@ class CaptioningModule(L.LightningModule):
         # lengths: the decoder skips the padding steps of each row (their logits are masked)
         lengths = (targets != self.vocab.pad_id).sum(1)  # (B,)
         logits, alphas = self.model.decoder(self.features(batch), inputs, lengths=lengths)
-        ce = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=self.vocab.pad_id
-        )
+        token_nll = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=self.vocab.pad_id,
+            reduction="none",
+        ).view_as(targets)  # (B, T), 0 at padding
         mask = (targets != self.vocab.pad_id).to(logits.dtype)  # (B, T)
-        reg = (
-            self.model.decoder.regularizer(alphas, mask) if alphas is not None else ce.new_zeros(())
-        )
-        return ce + reg, ce
+        ce = token_nll.sum() / mask.sum().clamp(min=1)
+        decoder = self.model.decoder
+        reg = decoder.regularizer(alphas, mask) if alphas is not None else ce.new_zeros(())
+        extra = decoder.attention_loss(-token_nll.detach(), mask)  # hard attention: REINFORCE
+        return ce + reg + extra, ce
+
+    def on_fit_start(self) -> None:
+        if self.scst is not None:  # rewards use document frequencies of the training refs only
+            train = self.trainer.datamodule.dataset("train", evaluation=True)
+            self._cider = CiderD(dict(zip(train.image_ids, train.refs, strict=True)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.scst is not None:
+            return self._self_critical_step(batch)
         loss, ce = self.loss(batch)
         bs = batch["captions"].size(0)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/ce", ce, batch_size=bs)
+        return loss
+
+    def _self_critical_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        if "image_ids" not in batch:
+            raise ConfigError("self-critical training needs batches of images with references")
+        # No dropout and no batch statistics here (see captioning/scst.py); gradients still flow.
+        self.model.encoder.eval()
+        loss, stats = self_critical_step(
+            self.model.decoder,
+            self.features(batch),
+            batch["image_ids"],
+            self.vocab,
+            self._cider,
+            self.scst,
+            self.vocab.banned(False),
+        )
+        bs = len(batch["image_ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=bs)
         return loss
 
     # -- evaluation -------------------------------------------------------------------------

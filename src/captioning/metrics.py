@@ -864,6 +864,23 @@ class CiderD:
             per_image[key] = self._image_score(hyp, image_refs[key])
         return float(np.mean(np.array(list(per_image.values())))), per_image
 
+    def score_each(
+        self, captions: Sequence[str], keys: Sequence[Hashable], *, tokenized: bool = False
+    ) -> list[float]:
+        """CIDEr-D of captions[i] against the references given at construction for keys[i].
+
+        Several captions may share a key (the samples of one image, in self-critical training);
+        `tokenized` skips the PTB tokenizer for captions that already are (a vocabulary's words).
+        """
+        out = []
+        for caption, key in zip(captions, keys, strict=True):
+            refs = self.refs.get(key)
+            if refs is None:
+                raise DataError(f"caption for image {key!r} has no references")
+            hyp = self._tfidf(caption if tokenized or self.tokenized else tokenize_caption(caption))
+            out.append(self._image_score(hyp, refs))
+        return out
+
 
 # ---------------------------------------------------------------------------------------------
 # METEOR: pycocoevalcap's Java METEOR 1.5, when Java and pycocoevalcap are both installed.

@@ -1,0 +1,143 @@
+"""Self-critical sequence training (Rennie et al. 2017): REINFORCE with CIDEr-D as the reward.
+
+For each image, sample S captions from the model, score each with CIDEr-D against the image's
+references (document frequencies from the training references only), and push up the
+log-probability of the samples that beat a baseline: the greedy caption's reward ("greedy",
+the paper's) or the mean reward of the image's other samples ("mean", Luo 2020), which needs
+no extra decode.
+
+The decoder runs without dropout here, in sampling and in scoring alike: the log-probabilities
+that get the gradient are then those of the distribution the samples were drawn from.
+
+Letters: B images, S samples per image, T steps, V vocabulary.
+"""
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .decoders import Decoder
+from .decoding import greedy_search, sample
+from .errors import ConfigError
+from .metrics import CiderD
+from .vocab import Vocab
+
+BASELINES = ("greedy", "mean")
+
+
+def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Defaults filled in and values checked: samples, baseline, temperature, max_len."""
+    out = {"samples": 5, "baseline": "greedy", "temperature": 1.0, "max_len": None, **cfg}
+    if out["baseline"] not in BASELINES:
+        raise ConfigError(
+            f"scst.baseline must be one of {', '.join(BASELINES)}; got {out['baseline']!r}"
+        )
+    if int(out["samples"]) < 1 or (out["baseline"] == "mean" and int(out["samples"]) < 2):
+        raise ConfigError("scst.samples must be >= 1 (>= 2 with the mean baseline)")
+    if float(out["temperature"]) <= 0:
+        raise ConfigError("scst.temperature must be > 0")
+    return out
+
+
+def baseline_rewards(rewards: Tensor, greedy: Tensor | None, kind: str) -> Tensor:
+    """Baseline (B, S) for rewards (B, S): the greedy reward (B,) or the other samples' mean."""
+    if kind == "greedy":
+        if greedy is None:
+            raise ValueError("the greedy baseline needs the greedy captions' rewards")
+        return greedy.unsqueeze(1).expand_as(rewards)
+    S = rewards.size(1)
+    return (rewards.sum(1, keepdim=True) - rewards) / (S - 1)  # leave-one-out mean
+
+
+def scst_loss(logp: Tensor, mask: Tensor, advantage: Tensor) -> Tensor:
+    """REINFORCE loss: -(reward - baseline) * log p(word), averaged over the real words.
+
+    logp (R, T) log-probabilities of the sampled words (the <end> included), mask (R, T) 1 for
+    real words, advantage (R,) reward minus baseline; no gradient flows into the advantage.
+    """
+    mask = mask.to(logp.dtype)
+    return -(advantage.detach().unsqueeze(1) * logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sequence_log_probs(
+    decoder: Decoder, feats: Tensor, tokens: Tensor, vocab: Vocab, banned: tuple[int, ...]
+) -> tuple[Tensor, Tensor]:
+    """Teacher-forced log-probabilities of sampled `tokens` (R, L): logp (R, L), mask (R, L).
+
+    feats (R, N, D) are each row's image features. The banned words get -inf before the
+    softmax, as they did when sampling, so this is the sampling distribution itself.
+    """
+    R = tokens.size(0)
+    start = torch.full((R, 1), vocab.start_id, dtype=tokens.dtype, device=tokens.device)
+    inputs = torch.cat([start, tokens[:, :-1]], dim=1)  # (R, L)
+    mask = tokens != vocab.pad_id  # (R, L): words and <end>
+    inputs = inputs.masked_fill(~mask, vocab.pad_id)
+    logits, _ = decoder(feats, inputs, lengths=mask.sum(1))  # (R, L, V)
+    logits = logits.float()
+    if banned:
+        logits[..., list(banned)] = float("-inf")
+    logp = F.log_softmax(logits, dim=-1).gather(2, tokens.unsqueeze(2)).squeeze(2)  # (R, L)
+    return logp.masked_fill(~mask, 0.0), mask
+
+
+def self_critical_step(
+    decoder: Decoder,
+    feats: Tensor,
+    image_ids: Sequence[Hashable],
+    vocab: Vocab,
+    cider: CiderD,
+    cfg: dict[str, Any],
+    banned: tuple[int, ...],
+) -> tuple[Tensor, dict[str, float]]:
+    """One self-critical loss for a batch of images: (loss, statistics to log)."""
+    S, kind = int(cfg["samples"]), cfg["baseline"]
+    max_len = int(cfg.get("max_len") or vocab.max_len)
+    was_training = decoder.training
+    decoder.eval()  # no dropout: see the module docstring
+    try:
+        tokens = sample(
+            decoder,
+            feats.detach(),
+            num_samples=S,
+            start_id=vocab.start_id,
+            end_id=vocab.end_id,
+            pad_id=vocab.pad_id,
+            max_len=max_len,
+            temperature=float(cfg.get("temperature", 1.0)),
+            banned=banned,
+        )  # (B*S, L)
+        keys = [k for k in image_ids for _ in range(S)]
+        captions = [vocab.decode(row) for row in tokens.tolist()]
+        rewards = torch.tensor(cider.score_each(captions, keys, tokenized=True))  # (B*S,)
+        rewards = rewards.view(-1, S)  # (B, S)
+        greedy = None
+        if kind == "greedy":
+            with torch.no_grad():
+                hyps = greedy_search(
+                    decoder,
+                    feats.detach(),
+                    start_id=vocab.start_id,
+                    end_id=vocab.end_id,
+                    max_len=max_len,
+                    banned=banned,
+                )
+            greedy_caps = [vocab.decode(h.tokens) for h in hyps]
+            greedy = torch.tensor(cider.score_each(greedy_caps, list(image_ids), tokenized=True))
+        advantage = (rewards - baseline_rewards(rewards, greedy, kind)).flatten()  # (B*S,)
+        logp, mask = sequence_log_probs(
+            decoder, feats.repeat_interleave(S, dim=0), tokens, vocab, banned
+        )
+        loss = scst_loss(logp, mask, advantage.to(logp.device))
+    finally:
+        decoder.train(was_training)
+    stats = {
+        "reward": float(rewards.mean()),
+        "advantage_abs": float(advantage.abs().mean()),
+        "sample_len": float(mask.sum(1).float().mean()) - 1,
+    }
+    if greedy is not None:
+        stats["greedy_reward"] = float(greedy.mean())
+    return loss, stats

@@ -1,0 +1,220 @@
+"""Self-critical training and hard attention: loss signs, sampling distributions, wiring."""
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from captioning.decoders import Decoder, build_decoder
+from captioning.decoding import generate, sample
+from captioning.errors import ConfigError
+from captioning.metrics import CiderD
+from captioning.scst import (
+    baseline_rewards,
+    check_config,
+    scst_loss,
+    self_critical_step,
+    sequence_log_probs,
+)
+from captioning.vocab import Vocab
+
+
+def toy_vocab() -> Vocab:
+    return Vocab.build(["a red circle", "a blue square", "a green triangle left"], min_freq=1)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_scst_loss_pushes_up_the_sample_with_the_higher_reward(flip):
+    """One SGD step on the loss raises log p of the better sample and lowers the worse one's."""
+    logits = torch.zeros(4, requires_grad=True)  # a one-word policy over 4 words
+    tokens = torch.tensor([1, 2])  # two samples
+    rewards = torch.tensor([[0.0, 1.0]] if flip else [[1.0, 0.0]])  # (B=1, S=2)
+    advantage = (rewards - baseline_rewards(rewards, None, "mean")).flatten()
+    logp = logits.log_softmax(0)[tokens].unsqueeze(1)  # (R, T=1)
+    before = logp.detach().clone()
+    scst_loss(logp, torch.ones_like(logp), advantage).backward()
+    with torch.no_grad():
+        logits -= 1.0 * logits.grad
+    after = logits.log_softmax(0)[tokens].unsqueeze(1)
+    better, worse = (1, 0) if flip else (0, 1)
+    assert after[better] > before[better]
+    assert after[worse] < before[worse]
+
+
+def test_baselines():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 3.0]])
+    greedy = torch.tensor([0.5, 1.0])
+    torch.testing.assert_close(baseline_rewards(rewards, greedy, "greedy")[:, 2], greedy)
+    mean = baseline_rewards(rewards, None, "mean")  # the other samples' mean
+    torch.testing.assert_close(mean, torch.tensor([[2.5, 2.0, 1.5], [1.5, 1.5, 0.0]]))
+    with pytest.raises(ConfigError):
+        check_config({"baseline": "max"})
+    with pytest.raises(ConfigError):
+        check_config({"baseline": "mean", "samples": 1})
+
+
+def test_loss_ignores_padding_and_carries_no_gradient_into_the_reward():
+    logp = torch.tensor([[-1.0, -2.0, -5.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv = torch.tensor([2.0], requires_grad=True)
+    loss = scst_loss(logp, mask, adv)
+    assert math.isclose(float(loss.detach()), 2.0 * 3.0 / 2)
+    loss.backward()
+    assert logp.grad[0, 2] == 0 and adv.grad is None
+
+
+class FixedDecoder(Decoder):
+    """Same next-word distribution at every step: softmax(`logits`)."""
+
+    def __init__(self, logits: Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def prepare(self, feats):
+        return (feats,)
+
+    def init_state(self, memory):
+        return (memory[0].new_zeros(memory[0].size(0), 1),)
+
+    def step(self, tokens, state, memory):
+        return self.logits.expand(tokens.size(0), -1), state, None
+
+
+def test_samples_follow_the_decoder_distribution_and_end_properly():
+    V, end, pad, start, banned = 6, 2, 0, 1, (0, 1, 3)
+    logits = torch.tensor([0.0, 0.0, 0.5, 3.0, 1.0, 0.0])
+    torch.manual_seed(0)
+    toks = sample(
+        FixedDecoder(logits),
+        torch.zeros(400, 1, 1),
+        num_samples=5,
+        start_id=start,
+        end_id=end,
+        pad_id=pad,
+        max_len=4,
+        banned=banned,
+    )  # (2000, <= 5)
+    first = toks[:, 0]
+    allowed = logits.clone()
+    allowed[list(banned)] = -math.inf
+    expected = allowed.softmax(0)
+    freq = torch.bincount(first, minlength=V).float() / first.numel()
+    assert (freq - expected).abs().max() < 0.04  # 2000 draws: ~4 standard errors
+    assert not torch.isin(toks, torch.tensor([start, 3])).any()  # banned words never drawn
+    for row in toks.tolist():
+        n = row.index(end)  # every sample ends, within max_len words
+        assert n <= 4 and all(t == pad for t in row[n + 1 :]) and pad not in row[:n]
+
+
+def test_sequence_log_probs_equal_the_stepwise_log_probs():
+    torch.manual_seed(0)
+    vocab = toy_vocab()
+    dec = build_decoder("soft_attention", len(vocab), 12, embed_dim=8, hidden_dim=16).eval()
+    feats = torch.randn(6, 5, 12)
+    banned = vocab.banned()
+    toks = sample(
+        dec,
+        feats,
+        num_samples=1,
+        start_id=vocab.start_id,
+        end_id=vocab.end_id,
+        pad_id=vocab.pad_id,
+        max_len=6,
+        banned=banned,
+    )
+    logp, mask = sequence_log_probs(dec, feats, toks, vocab, banned)
+    # the same by stepping
+    memory = dec.prepare(feats)
+    state = dec.init_state(memory)
+    tok = torch.full((6,), vocab.start_id)
+    ref = torch.zeros_like(logp)
+    with torch.no_grad():
+        for t in range(toks.size(1)):
+            out, state, _ = dec.step(tok, state, memory)
+            out = out.clone()
+            out[:, list(banned)] = -math.inf
+            ref[:, t] = out.log_softmax(-1).gather(1, toks[:, t : t + 1]).squeeze(1)
+            tok = toks[:, t]
+    torch.testing.assert_close(logp, ref.masked_fill(~mask, 0.0), rtol=0, atol=1e-5)
+
+
+def test_self_critical_step_rewards_come_from_training_references():
+    torch.manual_seed(0)
+    vocab = toy_vocab()
+    dec = build_decoder("soft_attention", len(vocab), 12, embed_dim=8, hidden_dim=16)
+    refs = {"x": ["a red circle"], "y": ["a blue square"], "z": ["a green triangle left"]}
+    cider = CiderD(refs)
+    for baseline in ("greedy", "mean"):
+        cfg = check_config({"samples": 4, "baseline": baseline})
+        loss, stats = self_critical_step(
+            dec, torch.randn(2, 5, 12), ["x", "y"], vocab, cider, cfg, vocab.banned()
+        )
+        loss.backward()
+        assert torch.isfinite(loss) and stats["reward"] >= 0
+        assert dec.training  # restored after the dropout-free sampling
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.parameters())
+        dec.zero_grad()
+
+
+# -- hard attention ----------------------------------------------------------------------------
+
+
+def hard_decoder(**kw) -> Decoder:
+    return build_decoder(
+        "hard_attention", 30, 12, embed_dim=8, hidden_dim=16, attention_dim=8, **kw
+    )
+
+
+def test_hard_attention_samples_regions_from_its_distribution():
+    torch.manual_seed(0)
+    dec = hard_decoder()
+    alpha = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]).expand(20000, -1)
+    freq = torch.bincount(dec.sample_regions(alpha), minlength=5).float() / 20000
+    assert (freq - alpha[0]).abs().max() < 0.015  # ~4 standard errors
+    assert freq[4] == 0  # a region of probability 0 is never chosen
+
+
+def test_hard_attention_context_is_one_region_in_training():
+    torch.manual_seed(0)
+    dec = hard_decoder(soft_mix=0.0, dropout=0.0, gate=False).train()
+    feats = torch.randn(4, 5, 12)
+    alpha = torch.rand(4, 5).softmax(1)
+    context, logp_s, _ = dec._hard_context(feats, alpha)
+    chosen = (context.unsqueeze(1) == feats).all(2)  # (4, 5): which region was copied
+    assert (chosen.sum(1) == 1).all()
+    torch.testing.assert_close(logp_s, alpha[chosen].log())
+    dec.eval()
+    expected, _, _ = dec._hard_context(feats, alpha)
+    torch.testing.assert_close(expected, torch.bmm(alpha.unsqueeze(1), feats).squeeze(1))
+
+
+def test_hard_attention_reinforce_raises_the_sampled_region_when_the_caption_did_well():
+    """The REINFORCE term pushes log p(s) up for above-baseline captions, down for below."""
+    torch.manual_seed(0)
+    dec = hard_decoder(soft_mix=0.0, entropy_weight=0.0, dropout=0.0)
+    dec.baseline.fill_(-2.0)
+    dec.baseline_ready.fill_(True)
+    feats, inputs = torch.randn(2, 5, 12), torch.randint(4, 30, (2, 3))
+    dec(feats, inputs)
+    logp_s = dec._last[0]
+    mask = torch.ones(2, 3)
+    token_logp = torch.tensor([[-1.0] * 3, [-3.0] * 3])  # row 0 above the baseline, row 1 below
+    loss = dec.attention_loss(token_logp, mask)
+    g = torch.autograd.grad(loss, logp_s)[0]
+    assert (g[0] < 0).all() and (g[1] > 0).all()  # descent raises row 0's, lowers row 1's
+    assert math.isclose(float(dec.baseline), 0.9 * -2.0 + 0.1 * -2.0)
+
+
+def test_hard_attention_decodes_with_beam_search():
+    torch.manual_seed(0)
+    for inference in ("expectation", "argmax"):
+        dec = hard_decoder(inference=inference).eval()
+        feats = torch.randn(3, 5, 12)
+        kw = dict(start_id=1, end_id=2, pad_id=0, max_len=6, banned=(0, 1))
+        greedy = generate(dec, feats, beam_size=1, **kw)
+        again = generate(dec, feats, beam_size=1, **kw)
+        assert [g[0].tokens for g in greedy] == [g[0].tokens for g in again]  # deterministic
+        beams = generate(dec, feats, beam_size=3, **kw)
+        assert all(len(b) == 3 and all(math.isfinite(h.score) for h in b) for b in beams)
+        assert all(b[0].alphas is not None for b in beams)  # attention maps for the app
