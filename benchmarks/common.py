@@ -26,7 +26,7 @@ FEATURES = ROOT / "outputs" / "cache" / "features"
 CHECKPOINTS = ROOT / "outputs" / "flickr8k" / "lite2_soft" / "checkpoints"
 
 # The flickr8k experiment's decoder (conf/experiment/flickr8k.yaml) on EfficientNet-Lite2's
-# 9x9x1280 map, with the vocabulary the lead's run built (2538 words with min_word_freq 5).
+# 9x9x1280 map, with the vocabulary a Flickr8k run builds (2538 words with min_word_freq 5).
 FLICKR8K_DECODER = {"embed_dim": 512, "hidden_dim": 512, "attention_dim": 512, "alpha_c": 1.0}
 FLICKR8K_VOCAB, LITE2_REGIONS, LITE2_DIM = 2538 + 4, 81, 1280
 
