@@ -34,6 +34,31 @@ def compose_cfg(
     return cfg
 
 
+def module_and_data(cfg, cache: Path):
+    """The LightningModule and DataModule that train.py builds from `cfg` (untrained)."""
+    from omegaconf import OmegaConf
+
+    from captioning.datamodule import CaptionDataModule
+    from captioning.lit_module import CaptioningModule
+
+    part = {
+        k: OmegaConf.to_container(cfg[k], resolve=True)
+        for k in ("data", "encoder", "decoder", "optim", "val_decode", "test_decode")
+    }
+    dm = CaptionDataModule(part["data"], cache_dir=str(cache)).load()
+    module = CaptioningModule(
+        encoder=part["encoder"],
+        decoder=part["decoder"],
+        vocab=dm.vocab.to_dict(),
+        optim=part["optim"],
+        val_decode=part["val_decode"],
+        test_decode=part["test_decode"],
+        data_info=dm.info(),
+    )
+    dm.use_feature_cache(module.model.encoder)
+    return module, dm
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One synthetic-data cache shared by the tests of a session (generation is deterministic)."""

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from captioning.datamodule import CaptionDataModule, collate
-from captioning.lit_module import CaptioningModule
+from captioning.datamodule import collate
 from captioning.metrics import score_corpus
-from conftest import compose_cfg
+from conftest import compose_cfg, module_and_data
 
 pytestmark = pytest.mark.slow
 
@@ -20,20 +18,7 @@ def test_overfits_a_few_samples(data_cache):
         ["debug=tiny", "data.args.num_train=8", "decoder.hidden_dim=128", "decoder.embed_dim=64"],
         cache=data_cache,
     )
-    conf = {
-        k: OmegaConf.to_container(cfg[k], resolve=True)
-        for k in ("data", "encoder", "decoder", "optim", "val_decode", "test_decode")
-    }
-    dm = CaptionDataModule(conf["data"], cache_dir=str(data_cache)).load()
-    module = CaptioningModule(
-        encoder=conf["encoder"],
-        decoder=conf["decoder"],
-        vocab=dm.vocab.to_dict(),
-        optim=conf["optim"],
-        val_decode=conf["val_decode"],
-        test_decode=conf["test_decode"],
-    )
-    dm.use_feature_cache(module.model.encoder)
+    module, dm = module_and_data(cfg, data_cache)
     train = dm.dataset("train")
     batch = collate([train[i] for i in range(len(train))])  # all 40 captions
     assert batch["captions"].size(0) == 40

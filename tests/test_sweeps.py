@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import OmegaConf
 
 from captioning import callbacks as cb
-from conftest import CONF, ROOT, compose_cfg
+from conftest import CONF, ROOT, compose_cfg, module_and_data
 
 TINY_DATA = ["data.args.num_train=32", "data.args.num_val=16", "data.args.num_test=16"]
 
@@ -25,24 +25,9 @@ TINY_DATA = ["data.args.num_train=32", "data.args.num_val=16", "data.args.num_te
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """An untrained module and the validation split of a tiny synthetic data set."""
-    from captioning.datamodule import CaptionDataModule
-    from captioning.lit_module import CaptioningModule
-
     cache = tmp_path_factory.mktemp("cache")
     cfg = compose_cfg("train", ["debug=tiny", *TINY_DATA], out=cache, cache=cache)
-    dm = CaptionDataModule(OmegaConf.to_container(cfg.data, resolve=True), cache_dir=str(cache))
-    dm.load()
-    c = OmegaConf.to_container(cfg, resolve=True)
-    module = CaptioningModule(
-        encoder=c["encoder"],
-        decoder=c["decoder"],
-        vocab=dm.vocab.to_dict(),
-        optim=c["optim"],
-        val_decode=c["val_decode"],
-        test_decode=c["test_decode"],
-        data_info=dm.info(),
-    )
-    dm.use_feature_cache(module.model.encoder)
+    module, dm = module_and_data(cfg, cache)
     return module.eval(), dm
 
 
