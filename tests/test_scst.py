@@ -9,10 +9,11 @@ from torch import Tensor
 from captioning.decoders import Decoder, build_decoder
 from captioning.decoding import generate, sample
 from captioning.errors import ConfigError
-from captioning.metrics import CiderD
+from captioning.metrics import CiderD, bleu, sentence_bleu
 from captioning.scst import (
     baseline_rewards,
     check_config,
+    rewards_of,
     scst_loss,
     self_critical_step,
     sequence_log_probs,
@@ -155,6 +156,32 @@ def test_self_critical_step_rewards_come_from_training_references():
         assert dec.training  # restored after the dropout-free sampling
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.parameters())
         dec.zero_grad()
+
+
+def test_rewards_mix_cider_and_sentence_bleu4():
+    refs = {
+        "x": ["a dog runs on the grass", "a brown dog running in a field"],
+        "y": ["two people ride bikes down a street", "people cycling on a road"],
+    }
+    cider = CiderD(refs, tokenized=True)
+    caps, keys = (
+        ["a dog runs on the grass", "a dog in a field", "people ride bikes on grass"],
+        list("xxy"),
+    )
+    ciders = torch.tensor(cider.score_each(caps, keys, tokenized=True))
+    bleus = torch.tensor([bleu({k: c}, refs)[1][k][3] for c, k in zip(caps, keys, strict=True)])
+    assert [sentence_bleu(c, refs[k]) for c, k in zip(caps, keys, strict=True)] == pytest.approx(
+        bleus.tolist()
+    )
+    assert bleus[0] > 0.99 and bleus[2] < 0.01  # exact reference; no 4-gram match
+    only_cider = rewards_of(caps, keys, cider, check_config({}))
+    assert only_cider.tolist() == pytest.approx(ciders.tolist(), rel=1e-6)
+    mixed = rewards_of(caps, keys, cider, check_config({"cider_weight": 0.5, "bleu4_weight": 2}))
+    assert mixed.tolist() == pytest.approx((0.5 * ciders + 2 * bleus).tolist(), rel=1e-6)
+    with pytest.raises(ConfigError):
+        check_config({"cider_weight": 0, "bleu4_weight": 0})
+    with pytest.raises(ConfigError):
+        check_config({"bleu4_weight": -1})
 
 
 # -- hard attention ----------------------------------------------------------------------------

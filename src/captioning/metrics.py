@@ -682,20 +682,7 @@ def bleu(
     total_guess, total_correct = [0] * n, [0] * n
     per_image: dict[Hashable, list[float]] = {}
     for key, hyp in preds.items():
-        max_counts: dict[tuple[str, ...], int] = {}
-        ref_lens = []
-        for ref in refs[key]:
-            ref_lens.append(len(ref.split()))
-            for gram, count in _ngrams(ref, n).items():
-                max_counts[gram] = max(max_counts.get(gram, 0), count)
-        words = hyp.split()
-        test_len = len(words)
-        # "closest" reference length; on a tie the shorter reference wins (tuple order)
-        ref_len = min((abs(length - test_len), length) for length in ref_lens)[1]
-        guess = [max(0, test_len - k) for k in range(n)]
-        correct = [0] * n
-        for gram, count in _ngrams(hyp, n).items():
-            correct[len(gram) - 1] += min(max_counts.get(gram, 0), count)
+        correct, guess, test_len, ref_len = _bleu_counts(hyp, refs[key], n)
         total_test += test_len
         total_ref += ref_len
         for k in range(n):
@@ -703,6 +690,29 @@ def bleu(
             total_correct[k] += correct[k]
         per_image[key] = _bleu_from_counts(correct, guess, test_len, ref_len)
     return _bleu_from_counts(total_correct, total_guess, total_test, total_ref), per_image
+
+
+def _bleu_counts(hyp: str, refs: Sequence[str], n: int) -> tuple[list[int], list[int], int, int]:
+    """Clipped n-gram matches, n-gram counts, length and "closest" reference length of hyp."""
+    max_counts: dict[tuple[str, ...], int] = {}
+    ref_lens = []
+    for ref in refs:
+        ref_lens.append(len(ref.split()))
+        for gram, count in _ngrams(ref, n).items():
+            max_counts[gram] = max(max_counts.get(gram, 0), count)
+    test_len = len(hyp.split())
+    # "closest" reference length; on a tie the shorter reference wins (tuple order)
+    ref_len = min((abs(length - test_len), length) for length in ref_lens)[1]
+    guess = [max(0, test_len - k) for k in range(n)]
+    correct = [0] * n
+    for gram, count in _ngrams(hyp, n).items():
+        correct[len(gram) - 1] += min(max_counts.get(gram, 0), count)
+    return correct, guess, test_len, ref_len
+
+
+def sentence_bleu(hyp: str, refs: Sequence[str], n: int = 4) -> float:
+    """Sentence BLEU-n of one tokenized caption, as coco-caption scores each image."""
+    return _bleu_from_counts(*_bleu_counts(hyp, refs, n))[n - 1]
 
 
 def _bleu_from_counts(

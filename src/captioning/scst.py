@@ -4,7 +4,8 @@ For each image, sample S captions from the model, score each with CIDEr-D agains
 references (document frequencies from the training references only), and push up the
 log-probability of the samples that beat a baseline: the greedy caption's reward ("greedy",
 the paper's) or the mean reward of the image's other samples ("mean", Luo 2020), which needs
-no extra decode.
+no extra decode. The reward is CIDEr-D, optionally mixed with sentence BLEU-4
+(`bleu4_weight`, as some SCST implementations do to trade CIDEr-D for BLEU).
 
 The decoder runs without dropout here, in sampling and in scoring alike: the log-probabilities
 that get the gradient are then those of the distribution the samples were drawn from.
@@ -22,15 +23,16 @@ from torch import Tensor
 from .decoders import Decoder
 from .decoding import greedy_search, sample
 from .errors import ConfigError
-from .metrics import CiderD
+from .metrics import CiderD, sentence_bleu
 from .vocab import Vocab
 
 BASELINES = ("greedy", "mean")
 
 
 def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Defaults filled in and values checked: samples, baseline, temperature, max_len."""
-    out = {"samples": 5, "baseline": "greedy", "temperature": 1.0, "max_len": None, **cfg}
+    """Defaults filled in and values checked: samples, baseline, temperature, max_len, weights."""
+    defaults = {"samples": 5, "baseline": "greedy", "temperature": 1.0, "max_len": None}
+    out = {**defaults, "cider_weight": 1.0, "bleu4_weight": 0.0, **cfg}
     if out["baseline"] not in BASELINES:
         raise ConfigError(
             f"scst.baseline must be one of {', '.join(BASELINES)}; got {out['baseline']!r}"
@@ -39,7 +41,25 @@ def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("scst.samples must be >= 1 (>= 2 with the mean baseline)")
     if float(out["temperature"]) <= 0:
         raise ConfigError("scst.temperature must be > 0")
+    weights = float(out["cider_weight"]), float(out["bleu4_weight"])
+    if min(weights) < 0 or max(weights) == 0:
+        raise ConfigError("scst.cider_weight and scst.bleu4_weight must be >= 0, not both 0")
     return out
+
+
+def rewards_of(
+    captions: Sequence[str], keys: Sequence[Hashable], cider: CiderD, cfg: dict[str, Any]
+) -> Tensor:
+    """Reward of each tokenized caption against its image's references: (len(captions),)."""
+    out = torch.zeros(len(captions), dtype=torch.float64)
+    if float(cfg.get("cider_weight", 1.0)):
+        out += float(cfg.get("cider_weight", 1.0)) * torch.tensor(
+            cider.score_each(captions, keys, tokenized=True), dtype=torch.float64
+        )
+    if float(cfg.get("bleu4_weight", 0.0)):
+        bleu = [sentence_bleu(c, cider.refs[k]) for c, k in zip(captions, keys, strict=True)]
+        out += float(cfg["bleu4_weight"]) * torch.tensor(bleu, dtype=torch.float64)
+    return out.float()
 
 
 def baseline_rewards(rewards: Tensor, greedy: Tensor | None, kind: str) -> Tensor:
@@ -111,8 +131,7 @@ def self_critical_step(
         )  # (B*S, L)
         keys = [k for k in image_ids for _ in range(S)]
         captions = [vocab.decode(row) for row in tokens.tolist()]
-        rewards = torch.tensor(cider.score_each(captions, keys, tokenized=True))  # (B*S,)
-        rewards = rewards.view(-1, S)  # (B, S)
+        rewards = rewards_of(captions, keys, cider, cfg).view(-1, S)  # (B, S)
         greedy = None
         if kind == "greedy":
             with torch.no_grad():
@@ -125,7 +144,7 @@ def self_critical_step(
                     banned=banned,
                 )
             greedy_caps = [vocab.decode(h.tokens) for h in hyps]
-            greedy = torch.tensor(cider.score_each(greedy_caps, list(image_ids), tokenized=True))
+            greedy = rewards_of(greedy_caps, list(image_ids), cider, cfg)
         advantage = (rewards - baseline_rewards(rewards, greedy, kind)).flatten()  # (B*S,)
         logp, mask = sequence_log_probs(
             decoder, feats.repeat_interleave(S, dim=0), tokens, vocab, banned
