@@ -50,15 +50,17 @@ def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def rewards_of(
     captions: Sequence[str], keys: Sequence[Hashable], cider: CiderD, cfg: dict[str, Any]
 ) -> Tensor:
-    """Reward of each tokenized caption against its image's references: (len(captions),)."""
+    """Reward of each tokenized caption against its image's references: (len(captions),).
+
+    `cfg` is a `check_config` result: cider_weight * CIDEr-D + bleu4_weight * sentence BLEU-4.
+    """
+    w_cider, w_bleu = float(cfg["cider_weight"]), float(cfg["bleu4_weight"])
     out = torch.zeros(len(captions), dtype=torch.float64)
-    if float(cfg.get("cider_weight", 1.0)):
-        out += float(cfg.get("cider_weight", 1.0)) * torch.tensor(
-            cider.score_each(captions, keys, tokenized=True), dtype=torch.float64
-        )
-    if float(cfg.get("bleu4_weight", 0.0)):
+    if w_cider:
+        out += w_cider * torch.tensor(cider.score_each(captions, keys, tokenized=True))
+    if w_bleu:
         bleu = [sentence_bleu(c, cider.refs[k]) for c, k in zip(captions, keys, strict=True)]
-        out += float(cfg["bleu4_weight"]) * torch.tensor(bleu, dtype=torch.float64)
+        out += w_bleu * torch.tensor(bleu, dtype=torch.float64)
     return out.float()
 
 
