@@ -101,3 +101,43 @@ def test_checkpoint_reloads_to_identical_captions(tmp_path, data_cache):
     assert loaded == [cm.text(b[0]) for b in beams]
     assert raw["captioning"]["data"]["name"] == "synthetic"
     assert raw["captioning"]["preprocess"]["image_size"] == 64
+
+
+def test_label_smoothing_changes_the_objective_not_the_logged_nll(data_cache):
+    """optim.label_smoothing mixes a uniform target into the loss; `ce` stays the plain NLL."""
+    import torch.nn.functional as F
+
+    from captioning.datamodule import collate
+    from captioning.errors import ConfigError
+    from conftest import module_and_data
+
+    losses = {}
+    for eps in (0.0, 0.2):
+        torch.manual_seed(0)
+        cfg = compose_cfg("train", ["debug=tiny", f"optim.label_smoothing={eps}"], cache=data_cache)
+        module, dm = module_and_data(cfg, data_cache)
+        module.eval()  # no dropout: both modules compute the same logits
+        with torch.no_grad():  # a confident output layer, so smoothing has something to cost
+            for layer in module.model.decoder.modules():
+                if isinstance(layer, torch.nn.Linear) and layer.out_features == len(module.vocab):
+                    layer.weight.mul_(30.0)
+        train = dm.dataset("train")
+        batch = collate([train[i] for i in range(8)])
+        losses[eps] = module.loss(batch)
+    (plain, ce0), (smoothed, ce1) = losses[0.0], losses[0.2]
+    torch.testing.assert_close(ce0, ce1)  # the logged NLL ignores smoothing
+
+    captions = batch["captions"]
+    logits, _ = module.model.decoder(module.features(batch), captions[:, :-1])
+    targets = captions[:, 1:].flatten()
+    pad = module.vocab.pad_id
+    flat = logits.detach().flatten(0, 1)
+    gap = F.cross_entropy(flat, targets, ignore_index=pad, label_smoothing=0.2) - F.cross_entropy(
+        flat, targets, ignore_index=pad
+    )
+    assert float(gap) > 0.01  # smoothing costs something on a confident model's logits
+    torch.testing.assert_close((smoothed - plain).detach(), gap, atol=1e-5, rtol=1e-4)
+
+    cfg = compose_cfg("train", ["debug=tiny", "optim.label_smoothing=1.0"], cache=data_cache)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        module_and_data(cfg, data_cache)

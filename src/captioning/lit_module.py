@@ -52,6 +52,11 @@ class CaptioningModule(L.LightningModule):
         self.vocab = Vocab.from_dict(vocab)
         self.model = build_captioner(encoder, decoder, len(self.vocab))
         self.optim = dict(optim)
+        self.label_smoothing = float(self.optim.get("label_smoothing", 0.0))
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(
+                f"optim.label_smoothing must be in [0, 1); got {self.label_smoothing}"
+            )
         if monitor not in ("val/bleu4", "val/cider"):
             raise ConfigError(f"monitor must be one of val/bleu4, val/cider; got {monitor!r}")
         self.monitor = monitor
@@ -86,10 +91,18 @@ class CaptioningModule(L.LightningModule):
         ).view_as(targets)  # (B, T), 0 at padding
         mask = (targets != self.vocab.pad_id).to(logits.dtype)  # (B, T)
         ce = token_nll.sum() / mask.sum().clamp(min=1)
+        objective = ce
+        if self.label_smoothing > 0:  # the objective only: ce (logged) stays the plain NLL
+            objective = F.cross_entropy(
+                logits.flatten(0, 1).float(),
+                targets.flatten(),
+                ignore_index=self.vocab.pad_id,
+                label_smoothing=self.label_smoothing,
+            )
         decoder = self.model.decoder
         reg = decoder.regularizer(alphas, mask) if alphas is not None else ce.new_zeros(())
         extra = decoder.attention_loss(-token_nll.detach(), mask)  # hard attention: REINFORCE
-        return ce + reg + extra, ce
+        return objective + reg + extra, ce
 
     def on_fit_start(self) -> None:
         if self.scst is not None:  # rewards use document frequencies of the training refs only
