@@ -541,3 +541,38 @@ def test_trains_on_flickr8k_layout_with_corrupt_images(tmp_path, data_cache):
     assert out.count("skipped 2 of 20") == 1, out[-3000:]
     metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())["metrics"]
     assert metrics["BLEU-1"] >= 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_dataloader_workers(tmp_path, data_cache):
+    """SLURM's scancel and a terminal's Ctrl-C signal the whole process group, DataLoader
+    workers included: the workers must leave the signal to the main process, which finishes
+    the step, saves and exits 128 + 15; the resumed run then completes."""
+    run = [*EXACT, "data.num_workers=2", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *run],
+        cwd=ROOT,
+        env=env(data_cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a job step or a shell's job
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "checkpoints" / "last.ckpt").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # into epoch 1, workers running
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: SIGTERM: stopped ")
+    done = train_proc([*run, "resume=auto"], data_cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3 * BATCHES

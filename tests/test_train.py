@@ -141,3 +141,33 @@ def test_label_smoothing_changes_the_objective_not_the_logged_nll(data_cache):
     cfg = compose_cfg("train", ["debug=tiny", "optim.label_smoothing=1.0"], cache=data_cache)
     with pytest.raises(ConfigError, match="label_smoothing"):
         module_and_data(cfg, data_cache)
+
+
+def test_weight_ema_is_what_checkpoints_hold_and_the_test_scores(tmp_path, data_cache, monkeypatch):
+    """callbacks.ema: checkpoints' state_dict is the average, and the test after fit scores it."""
+    from captioning.lit_module import CaptioningModule
+
+    seen = {}
+
+    def record(self):  # the weights the test runs with
+        seen.update({k: v.detach().clone() for k, v in self.state_dict().items()})
+
+    monkeypatch.setattr(CaptioningModule, "on_test_start", record, raising=False)
+    ema = "callbacks.ema={_target_: captioning.callbacks.WeightEMA, decay: 0.5}"
+    cfg = tiny(tmp_path, data_cache, ema, "trainer.max_epochs=2")
+    train_script.train(cfg)
+    best = json.loads((tmp_path / "test_metrics.json").read_text())["checkpoint"]
+    raw = torch.load(best, map_location="cpu", weights_only=True)
+    averaged, current = raw["state_dict"], raw["current_model_state"]
+    assert int(raw["averaging_state"]["n_averaged"]) == raw["global_step"]
+    trained = [k for k in averaged if k.startswith("model.decoder.")]
+    assert max(float((averaged[k] - current[k]).abs().max()) for k in trained) > 1e-4
+    for k in trained:
+        torch.testing.assert_close(seen[k], averaged[k], rtol=0, atol=0)
+
+
+def test_weight_ema_rejects_a_decay_outside_0_1():
+    from captioning.callbacks import WeightEMA
+
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMA(decay=1.0)

@@ -1,4 +1,4 @@
-"""Experiment tracking for Lightning runs: `run_info.json` for sweep reports, W&B caption tables.
+"""Lightning callbacks: `run_info.json` for sweep reports, W&B caption tables, weight EMA.
 
 Nothing here imports wandb unless a WandbLogger is in use, so CSV-only runs never load it.
 Letters: B images, N regions, L generated words.
@@ -17,8 +17,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 
 from .data.images import load_rgb
@@ -27,6 +28,30 @@ from .decoding import Hypothesis, generate
 from .viz import attention_figure
 
 log = logging.getLogger(__name__)
+
+
+# -- weight averaging ------------------------------------------------------------------------
+class WeightEMA(EMAWeightAveraging):
+    """Exponential moving average of the weights, updated after every optimizer step.
+
+    Validation, the checkpoints' `state_dict` (what evaluate.py, caption.py and the app load)
+    and the test after training all use the average; the raw weights travel in the checkpoint
+    (`current_model_state`) so that a resumed run continues both. Lightning's callback would
+    also restore the raw weights when `trainer.test(ckpt_path=...)` loads a checkpoint after
+    fitting, testing other weights than validation chose: outside fitting, the checkpoint's
+    `state_dict` (the average) is what gets loaded.
+    """
+
+    def __init__(self, decay: float = 0.999, **kwargs: Any):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"callbacks.ema.decay must be in [0, 1); got {decay}")
+        super().__init__(decay=decay, **kwargs)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 # -- run_info.json ----------------------------------------------------------------------------

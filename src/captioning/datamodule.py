@@ -4,6 +4,7 @@ import hashlib
 import json
 import logging
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -297,5 +298,11 @@ class CaptionDataModule(L.LightningDataModule):
 
 
 def _seed_worker(worker_id: int) -> None:
+    # SLURM's scancel and a terminal's Ctrl-C signal the whole process group: a worker killed
+    # by it would crash the main process before it can save (captioning/reliability.py). The
+    # main process handles the signal and shuts its workers down; a worker whose main process
+    # died anyway exits on its own (PyTorch's worker loop watches its parent).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
