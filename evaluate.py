@@ -1,4 +1,8 @@
-"""Evaluate a checkpoint: `python evaluate.py ckpt_path=x.ckpt [split=test] [decode.beam_size=3]`."""
+"""Evaluate a checkpoint: `python evaluate.py ckpt_path=x.ckpt [split=test] [decode.beam_size=3]`.
+
+An ensemble of checkpoints (their word probabilities averaged at every step):
+`python evaluate.py 'ckpt_path=[a.ckpt,b.ckpt]'`.
+"""
 
 import json
 import logging
@@ -22,7 +26,9 @@ def evaluate(cfg: DictConfig) -> dict:
     device = (
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    cm = load_model(cfg.ckpt_path, device=device)
+    ckpt = cfg.ckpt_path
+    ckpt = [str(p) for p in ckpt] if OmegaConf.is_list(ckpt) else str(ckpt)  # a list: an ensemble
+    cm = load_model(ckpt, device=device)
     data_cfg = (
         OmegaConf.to_container(cfg.data, resolve=True)
         if cfg.data is not None
@@ -51,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict:
     )
     (run_dir / "per_image_scores.json").write_text(json.dumps(per_image, indent=1))
     out = {
-        "checkpoint": str(cfg.ckpt_path),
+        "checkpoint": ckpt,
         "split": cfg.split,
         "images": len(preds),
         "decode": OmegaConf.to_container(d),

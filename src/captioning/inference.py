@@ -3,6 +3,7 @@
 Imports neither Lightning nor Hydra: one `.ckpt` file is the whole model.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from .decoding import Hypothesis, generate
 from .encoders import Preprocess
+from .ensemble import EnsembleDecoder, EnsembleEncoder
 from .errors import CheckpointError
 from .model import Captioner, build_captioner
 from .transforms import make_transform
@@ -128,8 +130,18 @@ class CaptionModel:
         return side if side * side == n else None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> CaptionModel:
-    """Rebuild the Captioner from a checkpoint alone (no pretrained download, no Hydra)."""
+def load_model(
+    path: str | Path | Sequence[str | Path], device: str | torch.device = "cpu"
+) -> CaptionModel:
+    """Rebuild the Captioner from a checkpoint alone (no pretrained download, no Hydra).
+
+    Several paths: an ensemble of those checkpoints (`captioning/ensemble.py`).
+    """
+    if not isinstance(path, str | Path):
+        paths = list(path)
+        if len(paths) == 1:
+            return load_model(paths[0], device)
+        return load_ensemble(paths, device)
     ckpt = read_checkpoint(path)
     info = ckpt["captioning"]
     vocab = Vocab.from_dict(info["vocab"])
@@ -152,3 +164,54 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> CaptionM
     meta["num_regions"] = num_regions
     meta["path"] = str(path)
     return CaptionModel(model=model, vocab=vocab, preprocess=pp, meta=meta)
+
+
+def load_ensemble(paths: Sequence[str | Path], device: str | torch.device = "cpu") -> CaptionModel:
+    """Checkpoints that caption as one model: each step averages their word probabilities.
+
+    They must share the vocabulary, the preprocessing and the number of regions; members whose
+    encoders are the same (config and weights) share one encoding of the images.
+    """
+    members = [load_model(p, "cpu") for p in paths]
+    first = members[0]
+    for m in members[1:]:
+        why = None
+        if m.vocab.itos != first.vocab.itos:
+            why = "vocabularies differ (train them on the same data and vocabulary settings)"
+        elif m.preprocess != first.preprocess:
+            why = f"image preprocessing differs ({m.preprocess} vs {first.preprocess})"
+        elif m.meta["num_regions"] != first.meta["num_regions"]:
+            why = f"{m.meta['num_regions']} regions vs {first.meta['num_regions']}"
+        if why:
+            raise CheckpointError(
+                f"cannot ensemble {first.meta['path']} and {m.meta['path']}: {why}"
+            )
+    encoders, configs, slices = [], [], []
+    for m in members:
+        enc, cfg = m.model.encoder, m.meta["encoder"]
+        same = next(
+            (i for i, e in enumerate(encoders) if configs[i] == cfg and _same_weights(e, enc)), None
+        )
+        if same is None:
+            encoders.append(enc)
+            configs.append(cfg)
+            same = len(encoders) - 1
+        start = sum(e.out_dim for e in encoders[:same])
+        slices.append((start, start + enc.out_dim))
+    model = Captioner(
+        EnsembleEncoder(encoders), EnsembleDecoder([m.model.decoder for m in members], slices)
+    )
+    model.eval().to(device)
+    meta = {**first.meta, "path": " + ".join(str(p) for p in paths)}
+    meta["ensemble"] = [m.meta for m in members]
+    return CaptionModel(model=model, vocab=first.vocab, preprocess=first.preprocess, meta=meta)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same class and the same tensors (parameters and buffers)."""
+    if type(a) is not type(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa
+    )
