@@ -171,3 +171,14 @@ def test_weight_ema_rejects_a_decay_outside_0_1():
 
     with pytest.raises(ValueError, match="decay"):
         WeightEMA(decay=1.0)
+
+
+def test_weight_ema_decay_warms_up():
+    from captioning.callbacks import ema_update
+
+    avg, cur = torch.zeros(3), torch.ones(3)
+    for n, d in [(1, 2 / 11), (10, 11 / 20), (20000, 0.999)]:
+        out = ema_update(0.999, warmup=True)(avg, cur, torch.tensor(n))
+        torch.testing.assert_close(out, torch.full((3,), 1 - d))
+    fixed = ema_update(0.9, warmup=False)(avg, cur, torch.tensor(1))
+    torch.testing.assert_close(fixed, torch.full((3,), 0.1))
