@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoints import SMALL as CHECKPOINT_RUN
 
 from conftest import ROOT, compose_cfg
 
@@ -13,17 +14,8 @@ sys.path.insert(0, str(ROOT))
 import evaluate as evaluate_script  # noqa: E402
 import train as train_script  # noqa: E402
 
-SMALL = [
-    "debug=tiny",
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-    "data.args.num_train=16",
-    "data.args.num_val=8",
-    "data.args.num_test=8",
-    "trainer.max_epochs=1",
-    "test=false",
-    "optim.decoder_lr=3e-3",
-]
+# The checkpoint tests' tiny run, one epoch, no test.
+SMALL = [*CHECKPOINT_RUN, "trainer.max_epochs=1", "test=false", "optim.decoder_lr=3e-3"]
 
 
 @pytest.fixture(scope="module")
