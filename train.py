@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import instantiate_all, resolve_ckpt_path, run_safely
 from captioning.datamodule import CaptionDataModule
+from captioning.distill import check_config as distill_config
+from captioning.distill import check_teacher, load_teacher
 from captioning.errors import ConfigError
 from captioning.features import weights_digest
 from captioning.inference import read_checkpoint
@@ -66,6 +68,16 @@ def train(cfg: DictConfig) -> float | None:
         vocab = Vocab.from_dict(info["vocab"])
         log.info("initialising from %s (%s + %s)", cfg.init_from, encoder_cfg, decoder_cfg)
 
+    # distill: a single model learns a teacher's (an ensemble's) word distributions
+    distill = None
+    if cfg.get("distill"):
+        distill = distill_config(OmegaConf.to_container(cfg.distill, resolve=True))
+        if scst:
+            raise ConfigError("distill and scst are separate stages: set one of them")
+    teacher = load_teacher(distill) if distill else None
+    if teacher is not None and vocab is None:
+        vocab = teacher.vocab  # the student predicts over the teacher's words
+
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     dm = CaptionDataModule(
         data_cfg,
@@ -85,6 +97,7 @@ def train(cfg: DictConfig) -> float | None:
         monitor=cfg.monitor,
         compile=bool(cfg.get("compile", False)),
         scst=scst,
+        distill=distill,
     )
     if init is not None:
         sd = init["state_dict"]
@@ -92,8 +105,13 @@ def train(cfg: DictConfig) -> float | None:
         if encoder_cfg.get("fine_tune", "none") != "none":  # fine-tuned weights: their own cache
             module.model.encoder.weights_id = "init:" + weights_digest(module.model.encoder)
         del init
-    if dm.use_feature_cache(module.model.encoder):
+    cached = dm.use_feature_cache(module.model.encoder)
+    if cached:
         log.info("frozen encoder: training from cached features under %s", dm.cache_dir)
+    if teacher is not None:
+        check_teacher(teacher, dm.vocab.itos, module.model.encoder if cached else None)
+        module.set_teacher(teacher)
+        log.info("distilling from %s", " + ".join(distill["teachers"]))
     log.info("data %s: %s, vocabulary %d words", dm.cfg["name"], dm.info()["sizes"], len(dm.vocab))
     kept = max(ckpt_cb.save_top_k, 1) if ckpt_cb is not None else 1
     check_checkpoint_dir(ckpt_dir, need_bytes=checkpoint_bytes(module) * (kept + 2))  # + last, tmp

@@ -73,6 +73,22 @@ class EnsembleDecoder(Decoder):
         alpha = None if any(a is None for a in alphas) else torch.stack(alphas).mean(0)  # (B, N)
         return logp, tuple(t for o in outs for t in o[1]), alpha
 
+    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None):
+        """Teacher forcing through each member's own (fast) forward; log p averaged as in `step`.
+
+        Steps a member skips (past `lengths`) have zero logits, so their log p is uniform there:
+        padding, masked like any decoder's.
+        """
+        outs = [
+            m(feats[..., a:b], inputs, lengths=lengths)
+            for m, (a, b) in zip(self.members, self.slices, strict=True)
+        ]
+        logp = torch.stack([o[0].float().log_softmax(dim=-1) for o in outs])  # (K, B, T, V)
+        logp = torch.logsumexp(logp, dim=0) - math.log(len(outs))  # (B, T, V)
+        alphas = [o[1] for o in outs]
+        alpha = None if any(a is None for a in alphas) else torch.stack(alphas).mean(0)
+        return logp, alpha  # (B, T, V), (B, T, N) or None
+
     def step(self, tokens: Tensor, state: State, memory: Memory):
         states = self._split(state, self._state_sizes)
         memories = self._split(memory, self._memory_sizes)

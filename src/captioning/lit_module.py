@@ -11,7 +11,10 @@ import torch.nn.functional as F
 
 from . import __version__
 from .decoding import generate
+from .distill import check_config as distill_config
+from .distill import distill_loss, kl_to_teacher, teacher_log_probs
 from .errors import ConfigError
+from .inference import CaptionModel
 from .metrics import CiderD, score_corpus
 from .model import build_captioner
 from .scst import check_config as scst_config
@@ -46,6 +49,7 @@ class CaptioningModule(L.LightningModule):
         monitor: str = "val/bleu4",
         compile: bool = False,
         scst: dict[str, Any] | None = None,
+        distill: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -63,6 +67,10 @@ class CaptioningModule(L.LightningModule):
         # Self-critical stage (captioning/scst.py): batches are images with their references.
         self.scst = scst_config(scst) if scst else None
         self._cider: CiderD | None = None
+        # Distillation (captioning/distill.py): the teacher is set with `set_teacher`. It is kept
+        # out of the module tree so that its weights stay out of the checkpoints and optimiser.
+        self.distill = distill_config(distill) if distill else None
+        self._teacher: list[CaptionModel] = []
         if compile:  # torch.compile of the decoder's training step; weights keep their keys
             self.model.decoder.compile_step()
         self._outputs: list[tuple[str, str, list[str]]] = []
@@ -99,12 +107,26 @@ class CaptioningModule(L.LightningModule):
                 ignore_index=self.vocab.pad_id,
                 label_smoothing=self.label_smoothing,
             )
+        if self.distill is not None and self.training:
+            if not self._teacher:
+                raise ConfigError("distillation needs its teacher: call set_teacher first")
+            teacher_logp = teacher_log_probs(self._teacher[0], batch, inputs, lengths)
+            kd = distill_loss(logits, teacher_logp, mask, float(self.distill["temperature"]))
+            w = float(self.distill["weight"])
+            objective = (1 - w) * objective + w * kd
+            self.log("train/kl_teacher", kl_to_teacher(logits.detach(), teacher_logp, mask))
         decoder = self.model.decoder
         reg = decoder.regularizer(alphas, mask) if alphas is not None else ce.new_zeros(())
         extra = decoder.attention_loss(-token_nll.detach(), mask)  # hard attention: REINFORCE
         return objective + reg + extra, ce
 
+    def set_teacher(self, teacher: CaptionModel) -> None:
+        """The model whose word distributions the student learns (`distill` config)."""
+        self._teacher = [teacher.to(self.device)]
+
     def on_fit_start(self) -> None:
+        if self._teacher:  # the student may have moved to a GPU since set_teacher
+            self._teacher[0].to(self.device)
         if self.scst is not None:  # rewards use document frequencies of the training refs only
             train = self.trainer.datamodule.dataset("train", evaluation=True)
             self._cider = CiderD(dict(zip(train.image_ids, train.refs, strict=True)))
