@@ -114,7 +114,8 @@ class CaptioningModule(L.LightningModule):
             kd = distill_loss(logits, teacher_logp, mask, float(self.distill["temperature"]))
             w = float(self.distill["weight"])
             objective = (1 - w) * objective + w * kd
-            self.log("train/kl_teacher", kl_to_teacher(logits.detach(), teacher_logp, mask))
+            kl = kl_to_teacher(logits.detach(), teacher_logp, mask)
+            self.log("train/kl_teacher", kl, batch_size=inputs.size(0))
         decoder = self.model.decoder
         reg = decoder.regularizer(alphas, mask) if alphas is not None else ce.new_zeros(())
         extra = decoder.attention_loss(-token_nll.detach(), mask)  # hard attention: REINFORCE
