@@ -65,12 +65,17 @@ class EnsembleDecoder(Decoder):
         self._state_sizes = [len(s) for s in states]
         return tuple(t for s in states for t in s)
 
-    def _combine(self, outs: list[tuple[Tensor, State, Tensor | None]]):
+    @staticmethod
+    def _mean(logits: list[Tensor], alphas: list[Tensor | None]):
+        """log of the members' mean word probabilities, and their mean attention (or None)."""
         # log mean_k p_k(w) = logsumexp_k log p_k(w) - log K; in fp32 whatever the members ran in
-        logp = torch.stack([o[0].float().log_softmax(dim=-1) for o in outs])  # (K, B, V)
-        logp = torch.logsumexp(logp, dim=0) - math.log(len(outs))  # (B, V)
-        alphas = [o[2] for o in outs]
-        alpha = None if any(a is None for a in alphas) else torch.stack(alphas).mean(0)  # (B, N)
+        logp = torch.stack([x.float().log_softmax(dim=-1) for x in logits])  # (K, ..., V)
+        logp = torch.logsumexp(logp, dim=0) - math.log(len(logits))  # (..., V)
+        alpha = None if any(a is None for a in alphas) else torch.stack(alphas).mean(0)
+        return logp, alpha
+
+    def _combine(self, outs: list[tuple[Tensor, State, Tensor | None]]):
+        logp, alpha = self._mean([o[0] for o in outs], [o[2] for o in outs])  # (B, V), (B, N)
         return logp, tuple(t for o in outs for t in o[1]), alpha
 
     def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None):
@@ -83,11 +88,7 @@ class EnsembleDecoder(Decoder):
             m(feats[..., a:b], inputs, lengths=lengths)
             for m, (a, b) in zip(self.members, self.slices, strict=True)
         ]
-        logp = torch.stack([o[0].float().log_softmax(dim=-1) for o in outs])  # (K, B, T, V)
-        logp = torch.logsumexp(logp, dim=0) - math.log(len(outs))  # (B, T, V)
-        alphas = [o[1] for o in outs]
-        alpha = None if any(a is None for a in alphas) else torch.stack(alphas).mean(0)
-        return logp, alpha  # (B, T, V), (B, T, N) or None
+        return self._mean([o[0] for o in outs], [o[1] for o in outs])  # (B, T, V), (B, T, N)
 
     def step(self, tokens: Tensor, state: State, memory: Memory):
         states = self._split(state, self._state_sizes)
