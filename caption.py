@@ -14,11 +14,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from captioning.app.service import centre_square, model_square, resolve_checkpoint
+from captioning.app.service import resolve_checkpoint
 from captioning.cli import run_safely
 from captioning.data.images import ImageDecodeError, load_rgb
 from captioning.errors import UserError
 from captioning.inference import load_model
+from captioning.transforms import centre_square, model_view
 from captioning.viz import attention_figure
 
 log = logging.getLogger("caption")
@@ -71,7 +72,9 @@ def caption(cfg: DictConfig) -> list[dict]:
     bs = max(1, int(cfg.batch_size))
     for i in range(0, len(loaded), bs):
         batch = loaded[i : i + bs]
-        x = cm.images_to_tensor([centre_square(im) for _, im in batch])  # (B, 3, S, S)
+        x = cm.images_to_tensor(
+            [centre_square(im, cm.preprocess) for _, im in batch]
+        )  # (B, 3, S, S)
         with torch.inference_mode():
             beams = cm.caption_tensor(
                 x,
@@ -107,9 +110,7 @@ def _report(
             k += 1
             name = f"{path.stem}_{k}_attention.png"
         used_names.add(name)
-        pp = cm.preprocess
-        box = model_square(image.width, image.height, pp.image_size, pp.resize_size)
-        seen = image.crop(tuple(round(v) for v in box))  # the square the model saw
+        seen = model_view(image, cm.preprocess)
         words = [cm.vocab.itos[t] for t in best.tokens]
         attention_figure(seen, words, best.alphas, cm.grid).save(run_dir / name)
         figure = str(run_dir / name)

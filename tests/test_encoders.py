@@ -1,5 +1,6 @@
 """Encoder registry: shapes, fine-tuning rules, preprocessing, offline weights. CPU, no network."""
 
+import dataclasses
 import json
 import sys
 from functools import cache
@@ -8,11 +9,13 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 from captioning import encoders as enc_mod
 from captioning.encoders import Encoder, Preprocess, build_encoder, list_encoders
 from captioning.errors import ConfigError, UserError
+from captioning.transforms import centre_square, make_transform, model_box, model_view
 from conftest import compose_cfg
 
 ALL = list_encoders()
@@ -185,6 +188,51 @@ def test_torchvision_preprocess_comes_from_the_weights():
     assert (pp.image_size, pp.resize_size) == (448, 512)  # the weights' 224/256 ratio
 
 
+def _bordered(w: int, h: int, border: int) -> Image.Image:
+    """Grey image with a red frame `border` pixels wide."""
+    im = Image.new("RGB", (w, h), (255, 0, 0))
+    im.paste((128, 128, 128), (border, border, w - border, h - border))
+    return im
+
+
+def test_center_crop_false_feeds_the_whole_image():
+    cropped = build_encoder("efficientnet_lite0", pretrained=False).preprocess
+    whole = build_encoder("efficientnet_lite0", pretrained=False, center_crop=False).preprocess
+    assert (whole.image_size, whole.resize_size, whole.center_crop) == (224, 224, False)
+    assert whole == dataclasses.replace(cropped, resize_size=224, center_crop=False)
+    im = _bordered(320, 256, border=8)  # the red frame lies outside the default 224/256 crop
+    red = (torch.tensor([1.0, 0.0, 0.0]) - 0.5) / 0.5
+    x = make_transform(whole)(im)
+    assert x.shape == (3, 224, 224)
+    for edge in (x[:, 0, 112], x[:, -1, 112], x[:, 112, 0], x[:, 112, -1]):
+        torch.testing.assert_close(edge, red, atol=0.05, rtol=0)
+    x = make_transform(cropped)(im)
+    assert x.shape == (3, 224, 224) and (x[0] - x[1]).abs().max() < 0.05  # grey everywhere
+    # Checkpoints saved before the option existed keep cropping; the choice round-trips.
+    d = whole.to_dict()
+    assert Preprocess.from_dict(json.loads(json.dumps(d))) == whole
+    assert Preprocess.from_dict({k: v for k, v in d.items() if k != "center_crop"}).center_crop
+
+
+def test_model_box_and_view_follow_the_preprocessing():
+    cropped = build_encoder("resnet18", pretrained=False).preprocess  # 224 out of 256
+    whole = dataclasses.replace(cropped, resize_size=224, center_crop=False)
+    side = 400 * 224 / 256
+    x0, y0 = (600 - side) / 2, (400 - side) / 2
+    assert model_box(600, 400, cropped) == pytest.approx((x0, y0, x0 + side, y0 + side))
+    assert model_box(600, 400, whole) == (0, 0, 600, 400)
+    im = _bordered(600, 400, border=10)
+    assert model_view(im, whole).size == (600, 400)
+    assert model_view(im, cropped).size == (round(x0 + side) - round(x0),) * 2
+    assert centre_square(im, cropped).size == (400, 400)
+    assert centre_square(im, whole) is im
+
+
+def test_bad_center_crop():
+    with pytest.raises(ConfigError, match="center_crop"):
+        build_encoder("resnet18", pretrained=False, center_crop="no")
+
+
 def test_small_cnn_preprocess_and_channels():
     enc = build_encoder("small_cnn", channels=[8, 16, 24, 32, 40])
     assert enc.preprocess == Preprocess(64, 64, (0.5,) * 3, (0.5,) * 3)
@@ -197,7 +245,7 @@ def test_hydra_config_builds(name):
     cfg = compose_cfg(overrides=[f"encoder={name}", "encoder.pretrained=false"])
     enc_cfg = dict(cfg.encoder)
     assert enc_cfg.pop("name") == name
-    assert {"pretrained", "grid", "fine_tune", "image_size"} <= set(enc_cfg)
+    assert {"pretrained", "grid", "fine_tune", "image_size", "center_crop"} <= set(enc_cfg)
     if name in ("small_cnn", "resnet18"):  # building each would only repeat the shape tests
         enc = build_encoder(name, **enc_cfg)
         assert enc.name == name

@@ -51,6 +51,11 @@ def test_cache_reused_and_keyed(tmp_path):
 
     module(tmp_path, build_encoder("small_cnn", fine_tune="none", grid=4))  # other grid
     assert len(set((tmp_path / "features").iterdir()) - dirs) == 3
+    dirs = set((tmp_path / "features").iterdir())
+    whole = build_encoder("small_cnn", fine_tune="none", center_crop=False)  # other pixels
+    whole.load_state_dict(enc.state_dict())
+    module(tmp_path, whole)
+    assert len(set((tmp_path / "features").iterdir()) - dirs) == 3
 
 
 def test_trainable_encoder_does_not_cache(tmp_path):

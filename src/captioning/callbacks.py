@@ -25,6 +25,7 @@ from PIL import Image
 from .data.images import load_rgb
 from .datamodule import CaptionDataset, collate
 from .decoding import Hypothesis, generate
+from .transforms import model_view
 from .viz import attention_figure
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,7 @@ def caption_examples(
         pl_module.train(was_training)
     grid = _grid(feats.size(1))
     itos = pl_module.vocab.itos
+    preprocess = pl_module.model.encoder.preprocess
     out = []
     for image_id, refs, hyp, row in zip(
         batch["image_ids"],
@@ -316,7 +318,9 @@ def caption_examples(
         strict=True,
     ):
         # Shown from the original file, whatever the model was fed (pixels or cached features).
-        image = load_rgb(dataset.ds[row]["image"])
+        image = model_view(
+            load_rgb(dataset.ds[row]["image"]), preprocess
+        )  # what attention refers to
         image.thumbnail((display_size, display_size))
         words = [itos[t] for t in hyp.tokens]
         alphas = hyp.alphas  # (L, N), or None for decoders without attention

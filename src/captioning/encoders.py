@@ -16,7 +16,7 @@ import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,19 @@ DOWNLOAD_TIMEOUT_S = 20.0
 
 @dataclass(frozen=True)
 class Preprocess:
-    """An encoder's own preprocessing: resize shorter side, centre-crop, normalise."""
+    """An encoder's own preprocessing: resize shorter side, centre-crop, normalise.
+
+    With ``center_crop=False`` the whole image is resized to image_size x image_size instead:
+    nothing at the border is lost (a caption may name it), at the cost of squashing
+    non-square photos.
+    """
 
     image_size: int  # square crop fed to the CNN
     resize_size: int  # shorter side resized to this before the centre crop (eval)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"  # or "bicubic" (torchvision InterpolationMode values)
+    center_crop: bool = True  # checkpoints saved before this option existed cropped
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -436,17 +442,27 @@ def _small_cnn(
 # --- public API ---------------------------------------------------------------------------------
 
 
-def build_encoder(name: str, **cfg: Any) -> Encoder:
-    """Build a registered encoder. Common options: pretrained, grid, fine_tune, image_size."""
+def build_encoder(name: str, center_crop: bool = True, **cfg: Any) -> Encoder:
+    """Build a registered encoder. Common options: pretrained, grid, fine_tune, image_size.
+
+    center_crop=False feeds the whole image, resized to image_size x image_size, instead of the
+    weights' resize-and-centre-crop (which drops about a fifth of the area of a square photo).
+    """
     builder = ENCODERS.get(name)
     params = inspect.signature(builder).parameters
     unknown = sorted(set(cfg) - set(params))
     if unknown:
         raise ConfigError(
             f"unknown option(s) {', '.join(unknown)} for encoder {name!r}; "
-            f"valid choices: {', '.join(params)}"
+            f"valid choices: center_crop, {', '.join(params)}"
         )
-    return builder(**cfg)
+    if not isinstance(center_crop, bool):
+        raise ConfigError(f"invalid encoder center_crop {center_crop!r}; use true or false")
+    encoder = builder(**cfg)
+    if not center_crop:
+        pp = encoder.preprocess
+        encoder.preprocess = replace(pp, resize_size=pp.image_size, center_crop=False)
+    return encoder
 
 
 def list_encoders() -> list[str]:

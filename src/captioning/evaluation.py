@@ -10,6 +10,7 @@ from .data.images import load_rgb
 from .datamodule import CaptionDataset, collate
 from .decoding import Hypothesis
 from .inference import CaptionModel
+from .transforms import model_view
 from .viz import attention_figure
 
 
@@ -84,7 +85,8 @@ def write_report(
             image = load_rgb(dataset.ds[row_of[image_id]]["image"])
             words = [cm.vocab.itos[t] for t in hyp.tokens]
             name = f"{len(list(fig_dir.iterdir())):03d}.png"
-            attention_figure(image, words, hyp.alphas, cm.grid).save(fig_dir / name)
+            seen = model_view(image, cm.preprocess)  # the pixels the attention refers to
+            attention_figure(seen, words, hyp.alphas, cm.grid).save(fig_dir / name)
             s = per_image[image_id]
             lines += [
                 f"### {image_id}",

@@ -27,6 +27,7 @@ from PIL import Image, ImageFilter
 from ..data.images import ImageDecodeError, load_rgb
 from ..errors import CheckpointError, UserError
 from ..inference import CaptionModel, load_model
+from ..transforms import centre_square, model_box
 from ..viz import _heat  # the colour ramp of the paper-style figures, shared with the page
 
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
@@ -66,22 +67,6 @@ def resolve_checkpoint(path: str | Path | None, root: str | Path = "outputs") ->
             "(about 5 minutes on a CPU) or name one (caption.py ckpt_path=x.ckpt, make app CKPT=x.ckpt)"
         )
     return found
-
-
-def model_square(width: int, height: int, image_size: int, resize_size: int) -> tuple[float, ...]:
-    """(x0, y0, x1, y1): the centred square the model sees after resize + centre crop."""
-    side = min(width, height) * min(1.0, image_size / resize_size)
-    x0, y0 = (width - side) / 2, (height - side) / 2
-    return x0, y0, x0 + side, y0 + side
-
-
-def centre_square(image: Image.Image) -> Image.Image:
-    """Crop to the centred square first: the same pixels reach the model, but a 20000 x 1 image
-    no longer gets resized to a 256 x 5,120,000 tensor on the way."""
-    w, h = image.size
-    s = min(w, h)
-    x0, y0 = (w - s) // 2, (h - s) // 2
-    return image.crop((x0, y0, x0 + s, y0 + s))
 
 
 def heat_png(alpha: np.ndarray, grid: int, size: int = 64) -> str:
@@ -177,7 +162,7 @@ class CaptionService:
                 raise ImageDecodeError(name, f"too large to decode ({type(e).__name__})") from None
 
     def _run(self, image: Image.Image, beam_size: int) -> list:
-        x = self.cm.images_to_tensor([centre_square(image)])  # (1, 3, S, S)
+        x = self.cm.images_to_tensor([centre_square(image, self.cm.preprocess)])  # (1, 3, S, S)
         with self._lock, torch.inference_mode():
             self.requests += 1
             return self.cm.caption_tensor(x, beam_size=beam_size)[0]
@@ -222,7 +207,7 @@ class CaptionService:
         # The model's square in displayed-image pixels (the decoded image may be a JPEG draft).
         dw, dh = image.size
         pp = self.cm.preprocess
-        box = model_square(dw, dh, pp.image_size, pp.resize_size)
+        box = model_box(dw, dh, pp)
         sx, sy = width / dw, height / dh
         return {
             "caption": out_beams[0]["caption"],
