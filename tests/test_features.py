@@ -5,6 +5,7 @@ import torch
 
 from captioning.datamodule import CaptionDataModule
 from captioning.encoders import build_encoder
+from captioning.features import cache_dir_for, cache_key
 
 DATA = {
     "name": "synthetic",
@@ -76,3 +77,25 @@ def test_features_beyond_fp16_are_an_error_not_inf(tmp_path):
     with pytest.raises(DataError, match="fp16 range"):
         module(tmp_path, enc)
     assert not any((tmp_path / "features").glob("*/features.npy"))  # nothing half-written kept
+
+
+def test_default_crop_keeps_the_keys_of_caches_written_before_the_option():
+    enc = build_encoder("efficientnet_lite0", pretrained=False, grid=None)
+    pp = enc.preprocess
+    before = {  # the key as written before `center_crop` existed
+        "format": 1,
+        "encoder": "efficientnet_lite0",
+        "weights": "random",
+        "preprocess": {
+            "image_size": pp.image_size,
+            "resize_size": pp.resize_size,
+            "mean": list(pp.mean),
+            "std": list(pp.std),
+            "interpolation": pp.interpolation,
+        },
+        "grid": None,
+        "split": "abc",
+    }
+    assert cache_key(enc, "abc") == before
+    whole = build_encoder("efficientnet_lite0", pretrained=False, grid=None, center_crop=False)
+    assert cache_dir_for("c", cache_key(whole, "abc")) != cache_dir_for("c", before)

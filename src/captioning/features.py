@@ -32,10 +32,16 @@ def cache_key(encoder: Encoder, split_fingerprint: str) -> dict[str, Any]:
         "format": FORMAT,
         "encoder": encoder.name,
         "weights": encoder.weights_id,
-        "preprocess": encoder.preprocess.to_dict(),
+        "preprocess": _preprocess_key(encoder.preprocess.to_dict()),
         "grid": encoder.grid,
         "split": split_fingerprint,
     }
+
+
+def _preprocess_key(pp: dict[str, Any]) -> dict[str, Any]:
+    # The default centre crop is left out so that caches written before `center_crop` existed
+    # keep their keys (recomputing COCO's features takes hours).
+    return {k: v for k, v in pp.items() if not (k == "center_crop" and v)}
 
 
 def weights_digest(module: torch.nn.Module) -> str:
