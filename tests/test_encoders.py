@@ -146,7 +146,7 @@ def test_unknown_encoder_lists_choices():
 
 
 def test_unknown_option_lists_valid_ones():
-    with pytest.raises(ConfigError, match="lr_mult.*valid choices: pretrained, grid"):
+    with pytest.raises(ConfigError, match="lr_mult.*valid choices: pretrained, grid.*center_crop"):
         build_encoder("resnet18", pretrained=False, lr_mult=0.1)
 
 

@@ -454,7 +454,7 @@ def build_encoder(name: str, center_crop: bool = True, **cfg: Any) -> Encoder:
     if unknown:
         raise ConfigError(
             f"unknown option(s) {', '.join(unknown)} for encoder {name!r}; "
-            f"valid choices: center_crop, {', '.join(params)}"
+            f"valid choices: {', '.join([*params, 'center_crop'])}"
         )
     if not isinstance(center_crop, bool):
         raise ConfigError(f"invalid encoder center_crop {center_crop!r}; use true or false")
