@@ -317,10 +317,9 @@ def caption_examples(
         _raw_rows(dataset, batch["image_ids"]),
         strict=True,
     ):
-        # Shown from the original file, whatever the model was fed (pixels or cached features).
-        image = model_view(
-            load_rgb(dataset.ds[row]["image"]), preprocess
-        )  # what attention refers to
+        # Shown from the original file, whatever the model was fed (pixels or cached features),
+        # cropped to the part the model saw: the part its attention maps refer to.
+        image = model_view(load_rgb(dataset.ds[row]["image"]), preprocess)
         image.thumbnail((display_size, display_size))
         words = [itos[t] for t in hyp.tokens]
         alphas = hyp.alphas  # (L, N), or None for decoders without attention
