@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -83,3 +85,27 @@ def test_resume_from_last_checkpoint(tmp_path, data_cache):
         if r.split(",")[header.index("val/bleu4")]
     }
     assert epochs == {"0", "1"}, rows
+
+
+def test_resume_in_a_moved_run_folder(tmp_path, data_cache):
+    first, moved = tmp_path / "scratch", tmp_path / "home"
+    run(
+        "train.py",
+        [*TINY, f"hydra.run.dir={first}", "trainer.max_epochs=1", "test=false"],
+        data_cache,
+    )
+    shutil.copytree(first, moved)
+    args = [*TINY, f"hydra.run.dir={moved}", "trainer.max_epochs=2", "resume=auto", "test=false"]
+    run("train.py", args, data_cache)
+    ckpts = moved / "checkpoints"
+    # last.ckpt itself moves on (a last-v1.ckpt beside it would leave resume=auto a stale one)
+    assert not list(ckpts.glob("last-v*.ckpt")), sorted(p.name for p in ckpts.iterdir())
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 1 and last["global_step"] > 0
+    # the first epoch's score still counts: the better of the two epochs is the one best
+    # checkpoint kept (save_top_k=1), not the second epoch's beside a forgotten first
+    info = json.loads((moved / "run_info.json").read_text())
+    first_score = json.loads((first / "run_info.json").read_text())["best_score"]
+    assert info["best_score"] >= first_score
+    kept = sorted(p.name for p in ckpts.glob("epoch*.ckpt"))
+    assert kept == [f"epoch{info['best_epoch']:03d}.ckpt"], kept

@@ -228,6 +228,41 @@ def test_resolve_ckpt_path(tmp_path):
         resolve_ckpt_path(None, tmp_path, "sometimes")
 
 
+def test_a_moved_run_folder_keeps_its_best_score_and_last_checkpoint(tmp_path):
+    from captioning.reliability import FiniteModelCheckpoint
+
+    old, new = tmp_path / "scratch" / "checkpoints", tmp_path / "home" / "checkpoints"
+    new.mkdir(parents=True)
+    for name in ("epoch003.ckpt", "last.ckpt"):
+        (new / name).write_bytes(b"")
+    state = {
+        "monitor": "val/cider",
+        "best_model_score": torch.tensor(0.58),
+        "best_model_path": str(old / "epoch003.ckpt"),
+        "current_score": torch.tensor(0.57),
+        "dirpath": str(old),
+        "best_k_models": {str(old / "epoch003.ckpt"): torch.tensor(0.58)},
+        "kth_best_model_path": str(old / "epoch003.ckpt"),
+        "kth_value": torch.tensor(0.58),
+        "last_model_path": str(old / "last.ckpt"),
+    }
+    cb = FiniteModelCheckpoint(dirpath=new, monitor="val/cider", mode="max", save_last=True)
+    cb.load_state_dict(dict(state))
+    # the score so far still counts, and last.ckpt is the file to overwrite (not last-v1.ckpt)
+    assert float(cb.best_model_score) == pytest.approx(0.58)
+    assert cb.best_model_path == str(new / "epoch003.ckpt")
+    assert cb.last_model_path == str(new / "last.ckpt")
+    assert list(cb.best_k_models) == [str(new / "epoch003.ckpt")]
+
+    # only last.ckpt copied: the best file is not there to be tested, so Lightning's own
+    # fallback (a fresh best) stands rather than a path that does not exist
+    (new / "epoch003.ckpt").unlink()
+    cb = FiniteModelCheckpoint(dirpath=new, monitor="val/cider", mode="max", save_last=True)
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        cb.load_state_dict(dict(state))
+    assert cb.best_model_score is None and cb.best_k_models == {}
+
+
 def test_resume_state_is_plain_and_round_trips():
     """RNG states go into the checkpoint as plain values and come back exactly."""
     import random

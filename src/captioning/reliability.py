@@ -5,7 +5,7 @@
 - `GracefulInterrupt`: SIGTERM / SIGINT finish the current step, write `last.ckpt`, then exit.
 - `NonFiniteGuard`: a NaN/Inf loss or gradient stops the run (or skips the batch).
 - `FiniteModelCheckpoint`: a non-finite score is never the best checkpoint; last.ckpt follows
-  every epoch.
+  every epoch; a run directory that was moved or copied resumes like one that was not.
 - `AtomicCheckpointIO`: a checkpoint file is the old one or the new one, never half written.
 - `check_checkpoint_dir`, `check_resumable`: fail before the first epoch, not after hours.
 
@@ -25,6 +25,8 @@ mid-epoch checkpoint it goes on at the next batch index. It does not restore:
   keeps the rows logged before the checkpoint.
 - last.ckpt after epochs that do not improve the score (Lightning 2.6 skips it then): see
   `FiniteModelCheckpoint`.
+- the best score so far and last.ckpt's name when the run directory has moved (copied from
+  scratch, renamed): see `FiniteModelCheckpoint.load_state_dict`.
 Not covered: several processes (DDP; Lightning swaps in a DistributedSampler, and
 `GracefulInterrupt` stands aside), and randomness inside DataLoader workers after a resume (each
 new iterator seeds its workers afresh; our transforms draw no random numbers).
@@ -499,6 +501,17 @@ class FiniteModelCheckpoint(ModelCheckpoint):
         # their best-model bookkeeping.
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The state names its files under the folder they were written in. When the run folder
+        # has since moved, Lightning drops the best score and the last path, so the first
+        # resumed epoch becomes "best" however it scores, and last.ckpt, already there, is
+        # written beside as last-v1.ckpt, which the next `resume=auto` does not pick. Read the
+        # paths under the new folder instead, where those files are.
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and os.path.abspath(old) != os.path.abspath(self.dirpath):
+            state_dict = moved_checkpoint_state(state_dict, self.dirpath)
+        super().load_state_dict(state_dict)
+
     # Lightning 2.6 refreshes last.ckpt only when a top-k checkpoint is saved at the same step,
     # so after epochs that do not improve the score, last.ckpt would lag behind and a killed run
     # would redo them. Here last.ckpt follows every epoch.
@@ -521,6 +534,29 @@ class FiniteModelCheckpoint(ModelCheckpoint):
     def _refresh_last(self, trainer: L.Trainer) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def moved_checkpoint_state(state: dict[str, Any], dirpath: str) -> dict[str, Any]:
+    """A ModelCheckpoint state whose folder has moved to `dirpath`: its file paths rewritten
+    there. Unchanged (Lightning then starts the bookkeeping afresh) when the best checkpoint is
+    not in the new folder, e.g. only last.ckpt was copied."""
+
+    def moved(path: str | None) -> str | None:
+        if not path:
+            return path
+        new = Path(dirpath) / Path(path).name
+        return str(new) if new.is_file() else None
+
+    best = moved(state.get("best_model_path"))
+    if state.get("best_model_path") and best is None:
+        return state
+    state = dict(state, dirpath=dirpath, best_model_path=best or "")
+    state["last_model_path"] = moved(state.get("last_model_path")) or ""
+    state["kth_best_model_path"] = moved(state.get("kth_best_model_path")) or ""
+    best_k = {moved(k): v for k, v in state.get("best_k_models", {}).items()}
+    state["best_k_models"] = {k: v for k, v in best_k.items() if k is not None}
+    log.info("checkpoint folder moved: reading its best and last checkpoints under %s", dirpath)
+    return state
 
 
 # -- disk -----------------------------------------------------------------------------------
