@@ -169,7 +169,8 @@ def test_kill_and_resume_matches_uninterrupted_run(scenario, baseline, tmp_path,
 @pytest.mark.slow
 def test_early_stopped_run_killed_before_testing_does_not_train_on(tmp_path, data_cache):
     """Early stopping fired after epoch 1 of 3 (val/loss watched in mode max, so it stops at the
-    first epoch where the loss falls); killed while testing, the resumed run only tests."""
+    first epoch where the loss falls); killed while testing, the resumed run only tests. Resumed
+    once more without early stopping, it trains on."""
     stop = [
         *EXACT,
         "callbacks.early_stopping.monitor=val/loss",
@@ -183,6 +184,10 @@ def test_early_stopped_run_killed_before_testing_does_not_train_on(tmp_path, dat
     assert train_proc([*run, *kill_at("SIGKILL", 1, -2)], data_cache).returncode == -signal.SIGKILL
     assert train_proc([*run, "resume=auto"], data_cache).returncode == 0
     assert_same(outcome(run_dir), base)
+    # Resumed without early stopping, the finished run trains on to max_epochs.
+    go_on = [*run, "resume=auto", "callbacks.early_stopping=null", "test=false"]
+    assert train_proc(go_on, data_cache).returncode == 0
+    assert outcome(run_dir)["global_step"] == 3 * BATCHES
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ mid-epoch checkpoint it goes on at the next batch index. It does not restore:
   decoded for nothing), the batches already trained. So a mid-epoch resume continues exactly; it
   does not restart the epoch.
 - the global RNGs (dropout), nor `trainer.should_stop` (early stopping that fired just before
-  the checkpoint): saved and restored by `ResumeState`.
+  the checkpoint): saved and restored by `ResumeState` (the stop only while early stopping is
+  still configured: `callbacks.early_stopping=null` continues a finished run).
 - the CSV log: Lightning's CSVLogger deletes metrics.csv when a run starts; `continue_csv_logs`
   keeps the rows logged before the checkpoint.
 - last.ckpt after epochs that do not improve the score (Lightning 2.6 skips it then): see
@@ -51,7 +52,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
@@ -256,7 +257,12 @@ class ResumeState(Callback):
             set_rng_state(self._rng_pending)
             self._rng_pending = None
         if self._should_stop:
-            trainer.should_stop = True
+            # Early stopping had fired: a resumed run ends too, unless it was resumed without
+            # early stopping (callbacks.early_stopping=null), to train on to max_epochs.
+            if any(isinstance(cb, EarlyStopping) for cb in trainer.callbacks):
+                trainer.should_stop = True
+            else:
+                log.info("early stopping had ended this run; resumed without it, it trains on")
             self._should_stop = False
 
     def on_save_checkpoint(
