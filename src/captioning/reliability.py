@@ -262,7 +262,9 @@ class ResumeState(Callback):
             if any(isinstance(cb, EarlyStopping) for cb in trainer.callbacks):
                 trainer.should_stop = True
             else:
-                log.info("the run had stopped before max_epochs; resumed without early stopping, it trains on")
+                log.info(
+                    "the run had stopped before max_epochs; resumed without early stopping, it trains on"
+                )
             self._should_stop = False
 
     def on_save_checkpoint(
