@@ -103,6 +103,35 @@ def test_checkpoint_reloads_to_identical_captions(tmp_path, data_cache):
     assert raw["captioning"]["preprocess"]["image_size"] == 64
 
 
+def test_only_a_frozen_trunk_in_eval_mode_goes_unreported(tmp_path, data_cache, monkeypatch):
+    """A frozen trunk is in eval mode by design; any other eval-mode module still gets warned about."""
+    import re
+    import warnings
+
+    from captioning import lit_module
+
+    def eval_mode_warnings(out: Path) -> list:
+        cfg = tiny(out, data_cache, "trainer.fast_dev_run=true", "encoder.fine_tune=none")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            train_script.train(cfg)
+        return [w for w in seen if re.search(lit_module.EVAL_MODE_WARNING, str(w.message))]
+
+    assert eval_mode_warnings(tmp_path / "frozen") == []
+
+    # The same run with one decoder module left in eval mode, as a forgotten .eval() would.
+    on_fit_start = lit_module.CaptioningModule.on_fit_start
+
+    def leave_a_decoder_module_in_eval_mode(self):
+        next(self.model.decoder.children()).eval()
+        on_fit_start(self)
+
+    monkeypatch.setattr(
+        lit_module.CaptioningModule, "on_fit_start", leave_a_decoder_module_in_eval_mode
+    )
+    assert len(eval_mode_warnings(tmp_path / "forgotten")) == 1
+
+
 def test_label_smoothing_changes_the_objective_not_the_logged_nll(data_cache):
     """optim.label_smoothing mixes a uniform target into the loss; `ce` stays the plain NLL."""
     import torch.nn.functional as F

@@ -2,6 +2,7 @@
 
 import math
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from .scst import check_config as scst_config
 from .scst import self_critical_step
 from .vocab import Vocab
 
+# Lightning's warning at the start of training (see CaptioningModule.on_fit_start).
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+
 CHECKPOINT_FORMAT = 1  # bump when the "captioning" block of a checkpoint changes incompatibly
 
 METRIC_KEYS = {
@@ -32,6 +36,18 @@ METRIC_KEYS = {
     "ROUGE-L": "rouge_l",
     "CIDEr": "cider",
 }
+
+
+def only_the_frozen_trunk_in_eval_mode(module: L.LightningModule) -> bool:
+    """Whether the modules in eval mode are all part of the encoder's frozen trunk.
+
+    A frozen trunk stays in eval mode on purpose (Encoder.train keeps its ImageNet BatchNorm
+    statistics), and Lightning warns about every eval-mode module when training starts. That
+    warning is quieted only when the trunk is all it would name: a module left in eval mode by
+    mistake is still reported.
+    """
+    in_eval = [name for name, m in module.named_modules() if not m.training]
+    return bool(in_eval) and all(name.startswith("model.encoder.trunk") for name in in_eval)
 
 
 class CaptioningModule(L.LightningModule):
@@ -131,6 +147,8 @@ class CaptioningModule(L.LightningModule):
         if self.scst is not None:  # rewards use document frequencies of the training refs only
             train = self.trainer.datamodule.dataset("train", evaluation=True)
             self._cider = CiderD(dict(zip(train.image_ids, train.refs, strict=True)))
+        if only_the_frozen_trunk_in_eval_mode(self):
+            warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.scst is not None:
