@@ -11,8 +11,10 @@ from captioning.decoding import generate, sample
 from captioning.errors import ConfigError
 from captioning.metrics import CiderD, bleu, sentence_bleu
 from captioning.scst import (
+    END_WORD,
     baseline_rewards,
     check_config,
+    reward_scorer,
     rewards_of,
     scst_loss,
     self_critical_step,
@@ -182,6 +184,37 @@ def test_rewards_mix_cider_and_sentence_bleu4():
         check_config({"cider_weight": 0, "bleu4_weight": 0})
     with pytest.raises(ConfigError):
         check_config({"bleu4_weight": -1})
+
+
+def test_score_end_costs_a_caption_cut_off_mid_phrase_more():
+    """With scst.score_end the reward sees the end: "... in front of a <end>" matches no reference."""
+    refs = {
+        "x": [
+            "a man stands in front of a building",
+            "a man in a coat stands in front of a shop",
+            "a man is standing in front of a store",
+            "a man waits in front of a door",
+        ],
+        "y": ["a dog runs on the grass", "a brown dog running in a field"],
+        "z": ["two people ride bikes down a street", "people cycling on a road"],
+    }
+    pairs = [  # (whole, cut off)
+        ("a man stands in front of a building", "a man stands in front of a"),
+        ("a man is standing in front of a store", "a man is standing in front of a"),
+        ("a dog runs on the grass", "a dog runs on the"),
+    ]
+    keys = ["x", "x", "y"]
+    for bleu4_weight in (0.0, 1.0):
+        gaps = {}
+        for score_end in (False, True):
+            cfg = check_config({"score_end": score_end, "bleu4_weight": bleu4_weight})
+            cider = reward_scorer(refs, cfg)
+            assert all(r.endswith(f" {END_WORD}") == score_end for r in cider.refs["x"])
+            whole = rewards_of([w for w, _ in pairs], keys, cider, cfg)
+            cut = rewards_of([c for _, c in pairs], keys, cider, cfg)
+            gaps[score_end] = whole - cut
+        assert (gaps[True] > gaps[False] + 0.2).all(), gaps
+    assert check_config({})["score_end"] is False  # the reward as before unless asked for
 
 
 # -- hard attention ----------------------------------------------------------------------------

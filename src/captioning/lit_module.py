@@ -19,7 +19,7 @@ from .inference import CaptionModel
 from .metrics import CiderD, score_corpus
 from .model import build_captioner
 from .scst import check_config as scst_config
-from .scst import self_critical_step
+from .scst import reward_scorer, self_critical_step
 from .vocab import Vocab
 
 # Lightning's warning at the start of training (see CaptioningModule.on_fit_start).
@@ -146,7 +146,8 @@ class CaptioningModule(L.LightningModule):
             self._teacher[0].to(self.device)
         if self.scst is not None:  # rewards use document frequencies of the training refs only
             train = self.trainer.datamodule.dataset("train", evaluation=True)
-            self._cider = CiderD(dict(zip(train.image_ids, train.refs, strict=True)))
+            refs = dict(zip(train.image_ids, train.refs, strict=True))
+            self._cider = reward_scorer(refs, self.scst)
         if only_the_frozen_trunk_in_eval_mode(self):
             warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
 
