@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import run_safely
 from captioning.datamodule import CaptionDataModule
-from captioning.evaluation import caption_dataset, summary, write_report
+from captioning.evaluation import caption_dataset, caption_stats, summary, write_report
 from captioning.inference import load_model
 from captioning.metrics import score_corpus
 
@@ -62,6 +62,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "images": len(preds),
         "decode": OmegaConf.to_container(d),
         "metrics": scores,
+        "captions": caption_stats(preds),
     }
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
     if cfg.report:

@@ -17,6 +17,7 @@ from captioning.datamodule import CaptionDataModule
 from captioning.distill import check_config as distill_config
 from captioning.distill import check_teacher, load_teacher
 from captioning.errors import ConfigError
+from captioning.evaluation import caption_stats
 from captioning.features import weights_digest
 from captioning.inference import read_checkpoint
 from captioning.lit_module import CaptioningModule
@@ -143,6 +144,7 @@ def train(cfg: DictConfig) -> float | None:
                 "checkpoint": best_path,
                 "decode": dict(cfg.test_decode),
                 "metrics": metrics,
+                "captions": caption_stats(module.test_predictions),
             }
             (run_dir / "test_metrics.json").write_text(json.dumps(out, indent=2))
             preds = [{"image_id": k, "caption": v} for k, v in module.test_predictions.items()]

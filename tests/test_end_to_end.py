@@ -42,6 +42,8 @@ def test_train_then_evaluate_matches_training_test(tmp_path, data_cache):
     for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"):
         assert evaluated[key] == pytest.approx(trained["metrics"][key], abs=1e-9), key
     assert (out / "predictions.json").is_file() and (out / "per_image_scores.json").is_file()
+    captions = json.loads((out / "metrics.json").read_text())["captions"]
+    assert captions == pytest.approx(trained["captions"]) and captions["mean_words"] > 0
     report = (out / "report.md").read_text()
     assert "Best captions" in report and "Worst captions" in report
     assert list((out / "report").glob("*.png"))

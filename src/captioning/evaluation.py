@@ -1,5 +1,7 @@
 """Caption a dataset split with a loaded model, score it, report the best and worst captions."""
 
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,34 @@ def caption_dataset(
             refs[image_id] = image_refs
             hyps[image_id] = b[0]
     return preds, refs, hyps
+
+
+# Words no English caption ends on: a caption that does was cut off mid-phrase ("a dog runs
+# in front of a"), the way self-critical training on a reward blind to the end learns to stop.
+FUNCTION_WORDS = frozenset(
+    ["a", "an", "the", "and", "or", "but", "of", "in", "on", "at", "to", "for", "from", "with",
+     "by", "into", "onto", "near", "upon", "before", "after", "is", "are", "was", "were", "am",
+     "be", "its", "their", "his", "her"]
+)  # fmt: skip
+
+
+def caption_stats(preds: Mapping[Any, str]) -> dict[str, float]:
+    """What n-gram scores miss: length, vocabulary, repetition and captions cut off mid-phrase.
+
+    mean_words, distinct_words (vocabulary used), distinct_captions (fraction of captions no
+    other image got) and ends_mid_phrase (fraction whose last word is in FUNCTION_WORDS).
+    """
+    words = [c.split() for c in preds.values()]
+    if not words:
+        return {"mean_words": 0.0, "distinct_words": 0, "distinct_captions": 0.0,
+                "ends_mid_phrase": 0.0}  # fmt: skip
+    counts = Counter(preds.values())
+    return {
+        "mean_words": sum(map(len, words)) / len(words),
+        "distinct_words": len({w for ws in words for w in ws}),
+        "distinct_captions": sum(counts[c] == 1 for c in preds.values()) / len(words),
+        "ends_mid_phrase": sum(bool(ws) and ws[-1] in FUNCTION_WORDS for ws in words) / len(words),
+    }
 
 
 def rank_examples(
