@@ -25,7 +25,8 @@ def val_cider(run_dir) -> list[float]:
     return [float(r["val/cider"]) for r in metrics_rows(run_dir) if r.get("val/cider")]
 
 
-def test_self_critical_raises_val_cider(tmp_path, data_cache):
+@pytest.mark.parametrize("score_end", [False, True])
+def test_self_critical_raises_val_cider(tmp_path, data_cache, score_end):
     xe_dir, sc_dir = tmp_path / "xe", tmp_path / "scst"
     xe = compose_cfg("train", [*DATA, "trainer.max_epochs=3", "test=false"], xe_dir, data_cache)
     train_script.train(xe)
@@ -39,7 +40,7 @@ def test_self_critical_raises_val_cider(tmp_path, data_cache):
         [
             *DATA,
             f"init_from={start_ckpt}",
-            "scst={samples: 5, baseline: mean}",
+            f"scst={{samples: 5, baseline: mean, score_end: {str(score_end).lower()}}}",
             "monitor=val/cider",
             "optim.decoder_lr=1e-4",
             "optim.encoder_lr=1e-4",
