@@ -37,8 +37,7 @@ END_WORD = "<end>"  # what the reward sees after each caption's last word, with 
 
 
 def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Defaults filled in and values checked: samples, baseline, temperature, max_len, weights,
-    score_end."""
+    """Defaults filled in and values checked (the keys of conf/experiment/flickr8k_scst.yaml)."""
     defaults = {
         "samples": 5,
         "baseline": "greedy",
