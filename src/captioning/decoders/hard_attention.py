@@ -81,9 +81,7 @@ class HardAttentionDecoder(SoftAttentionDecoder):
         feats, feats_proj = memory
         _, alpha = self.attention(feats, feats_proj, h)  # (B, N)
         context, _, _ = self._hard_context(feats, alpha)
-        if self.gate:
-            context = torch.sigmoid(self.f_beta(h)) * context
-        return context, alpha
+        return self._gated(h, context), alpha
 
     def step_grouped(self, tokens: Tensor, state: State, memory: Memory, group: Group):
         if self.inference == "expectation" and not self.training:  # soft attention's fast path
@@ -120,8 +118,7 @@ class HardAttentionDecoder(SoftAttentionDecoder):
                 break
             _, alpha = self.attention(memory[0][:b], memory[1][:b], h[:b])  # (b, N)
             context, lp, ent = self._hard_context(feats[:b], alpha)
-            if self.gate:
-                context = torch.sigmoid(self.f_beta(h[:b])) * context
+            context = self._gated(h[:b], context)
             h, c = self.lstm(torch.cat([emb[:b, t], context], dim=1), (h[:b], c[:b]))
             logits[:b, t] = self._logits(h, emb[:b, t], context)
             alphas[:b, t], logp_s[:b, t], entropy[:b, t] = alpha, lp, ent

@@ -17,7 +17,28 @@ from .base import DECODERS, Attention, Decoder, Group, Memory, State, check_drop
 
 @DECODERS.register("soft_attention")
 class SoftAttentionDecoder(Decoder):
-    """The paper's decoder: LSTM with soft attention, gating scalar beta, doubly stochastic loss."""
+    """The paper's decoder: LSTM with soft attention, gating scalar beta, doubly stochastic loss.
+
+    One step is written three times: plainly, as the reference, and twice for speed, where beam
+    search and teacher forcing each allow what the other does not. They share the gate
+    (`_gated`), the output layer (`_logits`) and the stacked h weights (`_h_weights`), and
+    tests/test_speed_contract.py holds them to the same results:
+
+    - `step` (and `step_grouped` under autograd): the declared modules, `Attention` and
+      `nn.LSTMCell`, one step at a time: the reference the other two are tested against
+      (`forward_stepwise`), differentiable step by step, and what hard attention builds on (it
+      replaces `_attend`).
+    - `step_grouped` without autograd (beam search): weights regrouped once and cached
+      (`_inference_weights`): a (V, 4H) table of the embedding half of the gates, looked up per
+      word; the beams of an image attend to its one copy of the memory. It keeps LSTMCell's
+      (i, f, g, o) rows, so the context half of weight_ih is a view, not a (4H, D) copy held
+      beside the model.
+    - `forward` (teacher forcing): every step's input is known up front, so the embedding half
+      of the gates and the output layer run once for all steps, over the rows still running.
+      Its loop body is `_cell_eager` (hand-written backward from `_kernels`: autograd's costs
+      several passes more) or, after `compile_step`, `_cell` (the same step in plain ops,
+      which the compiler can see through, unlike custom autograd Functions with a stash).
+    """
 
     def __init__(
         self,
@@ -60,11 +81,13 @@ class SoftAttentionDecoder(Decoder):
         mean = memory[0].mean(dim=1)  # (B, D)
         return self.init_h(mean), self.init_c(mean)  # (B, H) each
 
+    def _gated(self, h: Tensor, context: Tensor) -> Tensor:
+        """The context scaled by the gating scalar beta = sigmoid(f_beta(h)), with the gate on."""
+        return torch.sigmoid(self.f_beta(h)) * context if self.gate else context
+
     def _attend(self, h: Tensor, memory: Memory) -> tuple[Tensor, Tensor]:
         context, alpha = self.attention(memory[0], memory[1], h)  # (B, D), (B, N)
-        if self.gate:
-            context = torch.sigmoid(self.f_beta(h)) * context
-        return context, alpha
+        return self._gated(h, context), alpha
 
     def _logits(
         self,
@@ -80,12 +103,15 @@ class SoftAttentionDecoder(Decoder):
             x = self.dropout(h)
         return self.fc(x) if fc is None else F.linear(x, *fc)[..., : self.vocab_size]
 
-    def step(self, tokens: Tensor, state: State, memory: Memory):
-        h, c = state
+    def _advance(self, tokens: Tensor, state: State, context: Tensor, alpha: Tensor):
+        """The LSTM and output layer of `step`, given the step's (gated) context."""
         emb = self.embedding(tokens)  # (B, E)
-        context, alpha = self._attend(h, memory)
-        h, c = self.lstm(torch.cat([emb, context], dim=1), (h, c))
+        h, c = self.lstm(torch.cat([emb, context], dim=1), state)
         return self._logits(h, emb, context), (h, c), alpha
+
+    def step(self, tokens: Tensor, state: State, memory: Memory):
+        context, alpha = self._attend(state[0], memory)
+        return self._advance(tokens, state, context, alpha)
 
     def step_grouped(self, tokens: Tensor, state: State, memory: Memory, group: Group):
         """`step` with the rows of an image (its beams) attending to its one copy of the memory.
@@ -96,14 +122,9 @@ class SoftAttentionDecoder(Decoder):
         h, c = state  # (R, H) each
         feats, feats_proj = memory  # (B, N, D), (B, N, A)
         if torch.is_grad_enabled():
-            emb = self.embedding(tokens)  # (R, E)
-            alpha, context = self._grouped_attention(
-                feats, feats_proj, self.attention.decoder_att(h), group
-            )
-            if self.gate:
-                context = torch.sigmoid(self.f_beta(h)) * context
-            h, c = self.lstm(torch.cat([emb, context], dim=1), (h, c))
-            return self._logits(h, emb, context), (h, c), alpha
+            d = self.attention.decoder_att(h)  # (R, A)
+            alpha, context = self._grouped_attention(feats, feats_proj, d, group)
+            return self._advance(tokens, state, self._gated(h, context), alpha)
         emb_gates, w_h, b_h, fc = self._inference_weights()
         d, *beta, hh = F.linear(h, w_h, b_h).split(self._h_split, dim=1)  # (R, A), .., (R, 4H)
         alpha, context = self._grouped_attention(feats, feats_proj, d, group)  # (R, N), (R, D)
@@ -181,12 +202,7 @@ class SoftAttentionDecoder(Decoder):
                 emb_gates = F.linear(
                     self.embedding.weight, lstm.weight_ih[:, :E], lstm.bias_ih + lstm.bias_hh
                 )  # (V, 4H)
-                ws, bs = [att.weight], [att.bias]
-                if self.gate:
-                    ws.append(self.f_beta.weight)
-                    bs.append(self.f_beta.bias)
-                w_h = torch.cat([*ws, lstm.weight_hh])
-                b_h = torch.cat([*bs, lstm.weight_hh.new_zeros(lstm.weight_hh.size(0))])
+                w_h, b_h = self._h_weights(lstm.weight_hh)
                 pad = -fc.out_features % 16
                 fc_w = torch.cat([fc.weight, fc.weight.new_zeros(pad, fc.in_features)])
                 fc_b = torch.cat([fc.bias, fc.bias.new_zeros(pad)])
@@ -213,14 +229,18 @@ class SoftAttentionDecoder(Decoder):
         w_emb, w_ctx = ifog(self.lstm.weight_ih).split([E, self.lstm.input_size - E], dim=1)
         w_hh = ifog(self.lstm.weight_hh)
         b_emb = ifog(self.lstm.bias_ih + self.lstm.bias_hh)
-        att = self.attention
-        hs_w, hs_b = [att.decoder_att.weight], [att.decoder_att.bias]
-        if self.gate:
-            hs_w.append(self.f_beta.weight)
-            hs_b.append(self.f_beta.bias)
-        w_h = torch.cat([*hs_w, w_hh])
-        b_h = torch.cat([*hs_b, w_hh.new_zeros(w_hh.size(0))])
+        w_h, b_h = self._h_weights(w_hh)
         return w_h, b_h, w_ctx, w_emb, b_emb
+
+    def _h_weights(self, w_hh: Tensor) -> tuple[Tensor, Tensor]:
+        """Every linear of h as one: decoder_att, f_beta (with the gate) and `w_hh` (weight_hh,
+        its rows in the caller's gate order) stacked, (A [+ D] + 4H, H), and their bias."""
+        att = self.attention.decoder_att
+        ws, bs = [att.weight], [att.bias]
+        if self.gate:
+            ws.append(self.f_beta.weight)
+            bs.append(self.f_beta.bias)
+        return torch.cat([*ws, w_hh]), torch.cat([*bs, w_hh.new_zeros(w_hh.size(0))])
 
     def _cell(
         self,
