@@ -109,7 +109,7 @@ def child(a: argparse.Namespace) -> None:
     from datasets import Dataset
     from torch.utils.data import DataLoader
 
-    from captioning.datamodule import CaptionDataset, collate
+    from captioning.data.dataset import CaptionDataset, collate
     from captioning.decoders import build_decoder
     from captioning.encoders import Preprocess
     from captioning.features import load_features

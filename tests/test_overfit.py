@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from captioning.datamodule import collate
+from captioning.data.dataset import collate
 from captioning.metrics import score_corpus
 from conftest import compose_cfg, module_and_data
 

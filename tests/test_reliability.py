@@ -506,7 +506,7 @@ def test_training_and_evaluation_encode_the_same_way(tmp_path, data_cache):
 
 
 def test_empty_captions_are_dropped_with_a_count(caplog):
-    from captioning.datamodule import drop_empty_captions
+    from captioning.data.dataset import drop_empty_captions
 
     refs = [["a dog", "", " . "], ["", "  ", "!"], ["a cat"]]
     kept, captions, images = drop_empty_captions(refs, "flickr8k/train")
@@ -519,7 +519,7 @@ def test_dataset_without_empty_captions_in_its_samples(tmp_path):
     """An image whose captions are all empty yields no training or evaluation sample."""
     import datasets
 
-    from captioning.datamodule import CaptionDataset
+    from captioning.data.dataset import CaptionDataset
     from captioning.encoders import Preprocess
     from captioning.vocab import Vocab
     from fixtures_data import colour, jpeg_bytes

@@ -136,7 +136,7 @@ def test_label_smoothing_changes_the_objective_not_the_logged_nll(data_cache):
     """optim.label_smoothing mixes a uniform target into the loss; `ce` stays the plain NLL."""
     import torch.nn.functional as F
 
-    from captioning.datamodule import collate
+    from captioning.data.dataset import collate
     from captioning.errors import ConfigError
     from conftest import module_and_data
 

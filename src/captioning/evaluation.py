@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from .data.dataset import CaptionDataset, collate
 from .data.images import load_rgb
-from .datamodule import CaptionDataset, collate
 from .decoding import Hypothesis
 from .inference import CaptionModel
 from .transforms import model_view
