@@ -1,6 +1,7 @@
 """Glue shared by the Hydra entry points: instantiate the trainer, print user errors cleanly."""
 
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,58 @@ def run_safely(fn: Callable[[Any], Any], cfg: Any) -> Any:
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
             wandb.finish()
+
+
+# Hydra's own command-line flags that take a value (`python caption.py --help` lists them).
+_VALUE_FLAGS = {"-cp", "-cn", "-cd", "-c", "-p", "--cfg", "--package", "--experimental-rerun"}
+_VALUE_FLAGS |= {"--config-path", "--config-name", "--config-dir"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _is_override(arg: str) -> bool:
+    """`key=value`, `+key=value`, `~key`: Hydra's override grammar; anything else is a path."""
+    if arg.startswith("~") and "/" not in arg:
+        return True
+    return "=" in arg and not Path(arg).exists()
+
+
+def hydra_quote(text: str) -> str:
+    """`text` as a quoted Hydra string that reads back unchanged (commas, quotes, `${`)."""
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
+def paths_as_override(argv: list[str], key: str = "images") -> list[str]:
+    """`a.jpg dir/ x=1` -> `x=1 images=['a.jpg','dir/']`: plain paths become one list override.
+
+    Lets `python caption.py photo.jpg other.png` work as a user expects beside Hydra's form
+    (`images=[photo.jpg,other.png]`), which stays valid. Hydra's flags and their values
+    (`--cfg job`, `-cn name`, `--info defaults`) are left where they are.
+    """
+    kept: list[str] = []
+    paths: list[str] = []
+    takes_value = False
+    for i, arg in enumerate(argv):
+        if takes_value:
+            kept.append(arg)
+            takes_value = False
+        elif arg.startswith("-"):
+            kept.append(arg)
+            takes_value = arg in _VALUE_FLAGS or (
+                arg in ("-i", "--info") and i + 1 < len(argv) and argv[i + 1] in _INFO_CHOICES
+            )
+        elif _is_override(arg):
+            kept.append(arg)
+        else:
+            paths.append(arg)
+    if not paths:
+        return list(argv)
+    if any(a.lstrip("+").startswith(f"{key}=") for a in kept):
+        print(
+            f"error: give the images either as paths or as {key}=[...], not both", file=sys.stderr
+        )
+        sys.exit(2)
+    return [*kept, f"{key}=[{','.join(hydra_quote(p) for p in paths)}]"]
 
 
 def instantiate_all(cfg: Any):
