@@ -3,6 +3,7 @@
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,35 @@ def paths_as_override(argv: list[str], key: str = "images") -> list[str]:
     return [*kept, f"{key}=[{','.join(hydra_quote(p) for p in paths)}]"]
 
 
+class _DropTips(logging.Filter):
+    """Lightning's advertisements for its cloud services, printed at every Trainer start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+_DROP_TIPS = _DropTips()
+
+
+def quiet_known_noise() -> None:
+    """Silence third-party messages that say nothing about this run, each at its source.
+
+    Only these: Lightning's "Tip" lines (litlogger, litmodels) and the deprecation of
+    `LeafSpec` that Lightning's own pytree code triggers in torch >= 2.10 at every fit, validation
+    and test; every other warning still shows. Without a terminal the `datasets` library's
+    progress bars, redrawn in place, would fill a log file with fragments: they are turned off.
+    """
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_TIPS)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    if not sys.stdout.isatty() and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
 def instantiate_all(cfg: Any):
     """Trainer with its callbacks and loggers from the `trainer`, `callbacks`, `logger` groups."""
     import hydra
@@ -109,6 +139,9 @@ def instantiate_all(cfg: Any):
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("fast_dev_run"):
         callbacks.pop("lr_monitor", None)
+    if not trainer_cfg.get("enable_progress_bar", True):
+        callbacks.pop("progress", None)  # Lightning refuses a progress bar it was told not to show
+    quiet_known_noise()
     extra = {}
     if not trainer_cfg.get("plugins"):
         from .reliability import AtomicCheckpointIO
