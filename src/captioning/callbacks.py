@@ -313,7 +313,46 @@ def wandb_logger(
         group = group or job["group"]
         name = name or job["name"]
         config = config if config is not None else job["config"]
+    if not kwargs.get("offline") and not os.environ.get("WANDB_MODE") and not wandb_api_key_found():
+        # wandb.init would stop the run with "No API key configured" (or wait at a prompt).
+        kwargs["offline"] = True
+        runs = Path(kwargs.get("save_dir") or kwargs.get("dir") or ".") / "wandb"
+        log.warning(
+            "W&B: no API key (WANDB_API_KEY or `wandb login`), so logging offline; upload later "
+            "with `wandb sync %s/offline-run-*` (WANDB_MODE=offline: the same, without this line)",
+            runs,
+        )
     return WandbLogger(group=group, name=name, config=config, **kwargs)
+
+
+def wandb_api_key_found() -> bool:
+    """Whether W&B would find credentials: the environment, the netrc file `wandb login` writes,
+    or wandb's settings file. Read here, without importing wandb or contacting its server."""
+    import configparser
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    home = Path.home()
+    netrcs = (
+        [os.environ["NETRC"]] if os.environ.get("NETRC") else [home / ".netrc", home / "_netrc"]
+    )
+    for path in netrcs:
+        try:
+            auth = netrc.netrc(path).authenticators(host or "")
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if auth and auth[2]:
+            return True
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or home / ".config" / "wandb")
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(config_dir / "settings")
+    except configparser.Error:
+        return False
+    return bool(settings.get("default", "api_key", fallback=""))
 
 
 def _hydra_job() -> dict[str, Any] | None:
