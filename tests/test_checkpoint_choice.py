@@ -97,8 +97,8 @@ def test_checkpoint_module_imports_neither_lightning_nor_hydra():
     [
         (["a.jpg", "b.png"], ["images=['a.jpg','b.png']"]),
         (
-            ["a.jpg", "ckpt_path=x.ckpt", "--cfg", "job"],
-            ["ckpt_path=x.ckpt", "--cfg", "job", "images=['a.jpg']"],
+            ["a.jpg", "decode.beam_size=2", "b.jpg", "--cfg", "job"],
+            ["images=['a.jpg','b.jpg']", "decode.beam_size=2", "--cfg", "job"],
         ),
         (["-m", "decode.beam_size=1,3", "dir/"], ["-m", "decode.beam_size=1,3", "images=['dir/']"]),
         (["--info", "defaults", "a.jpg"], ["--info", "defaults", "images=['a.jpg']"]),

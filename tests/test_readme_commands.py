@@ -6,7 +6,7 @@ documents say at the time: comments and output lines are skipped, `\\` continuat
 checkpoint) become a plain word. The fast tier composes the config of every Hydra command
 (`train.py`, `evaluate.py`, `caption.py`, also behind `torchrun`/`srun`), each job of a `-m`
 sweep included, as `--cfg job` would. The slow tier runs each command as far as it can go
-without data or a long job: the real entry point with `--cfg job`, `--help` for the other
+without data or a long job: each entry point once with `--cfg job`, `--help` for the other
 Python commands, `make -n`, `bash -n`; and the cheap ones (`python train.py debug=fast`) for real.
 """
 
@@ -137,6 +137,7 @@ def compose_jobs(script: str, args: list[str]) -> int:
 
     from captioning.cli import paths_as_override
 
+    args = [*args, "--cfg", "job"]  # as the slow tier runs it: flags after the overrides
     if script == "caption.py":
         args = paths_as_override(args)  # what caption.py does before Hydra parses
     parsed = get_args_parser().parse_args(args)
@@ -219,13 +220,20 @@ def run(argv: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.
     )
 
 
-def check(command: Command, env: dict[str, str]) -> subprocess.CompletedProcess | None:
-    """Run `command` as far as it goes without data or a long job; None if nothing to run."""
+def check(
+    command: Command, env: dict[str, str], started: set[str]
+) -> subprocess.CompletedProcess | None:
+    """Run `command` as far as it goes without data or a long job; None if nothing to run.
+
+    A Hydra entry point starts once (`started`): its first command with `--cfg job` shows the
+    real command line works; the fast tier composes every one of its commands.
+    """
     env = {**env, **command.env}
     args = command.python
     if command.hydra_script:
-        if "-m" in args or "--multirun" in args:
-            return None  # Hydra refuses --cfg with -m; each job composed in the fast tier
+        if "-m" in args or "--multirun" in args or command.hydra_script in started:
+            return None  # Hydra refuses --cfg with -m; each job is composed in the fast tier
+        started.add(command.hydra_script)
         return run([sys.executable, *args, "--cfg", "job"], env)
     if args and args[0] == "-m":
         return run([sys.executable, *args, "--help"], env)
@@ -242,13 +250,13 @@ def check(command: Command, env: dict[str, str]) -> subprocess.CompletedProcess 
 @pytest.mark.slow
 def test_every_documented_command_runs_as_far_as_it_can(data_cache):
     env = shell_env(data_cache)
-    failures, seen = [], set()
+    failures, seen, started = [], set(), set()
     for command in all_commands():
         key = (tuple(command.argv), tuple(sorted(command.env.items())))
         if key in seen:
             continue
         seen.add(key)
-        proc = check(command, env)
+        proc = check(command, env, started)
         if proc is not None and proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
             failures.append(f"{describe(command)}\n    " + "\n    ".join(tail))

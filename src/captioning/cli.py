@@ -66,6 +66,7 @@ def paths_as_override(argv: list[str], key: str = "images") -> list[str]:
     """
     kept: list[str] = []
     paths: list[str] = []
+    at = 0  # the list goes where the first path was: Hydra's overrides must stay together
     takes_value = False
     for i, arg in enumerate(argv):
         if takes_value:
@@ -79,6 +80,7 @@ def paths_as_override(argv: list[str], key: str = "images") -> list[str]:
         elif _is_override(arg):
             kept.append(arg)
         else:
+            at = len(kept) if not paths else at
             paths.append(arg)
     if not paths:
         return list(argv)
@@ -87,7 +89,7 @@ def paths_as_override(argv: list[str], key: str = "images") -> list[str]:
             f"error: give the images either as paths or as {key}=[...], not both", file=sys.stderr
         )
         sys.exit(2)
-    return [*kept, f"{key}=[{','.join(hydra_quote(p) for p in paths)}]"]
+    return [*kept[:at], f"{key}=[{','.join(hydra_quote(p) for p in paths)}]", *kept[at:]]
 
 
 class _DropTips(logging.Filter):
