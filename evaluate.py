@@ -67,7 +67,17 @@ def evaluate(cfg: DictConfig) -> dict:
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
     if cfg.report:
         path = write_report(
-            run_dir, cm, dataset, preds, refs, hyps, per_image, n=int(cfg.report_examples)
+            run_dir,
+            cm,
+            dataset,
+            preds,
+            refs,
+            hyps,
+            per_image,
+            n=int(cfg.report_examples),
+            scores=scores,
+            decode=out["decode"],
+            split=cfg.split,
         )
         log.info("report: %s", path)
     print(json.dumps({cfg.split: summary(scores)}, indent=2))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import instantiate_all, resolve_ckpt_path, run_safely
@@ -37,6 +38,7 @@ def train(cfg: DictConfig) -> float | None:
     """Fit, then test the best checkpoint; returns the best selection metric for sweepers."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
+    say(f"run directory: {run_dir}")
     trainer, callbacks = instantiate_all(cfg)
     ckpt_cb = callbacks.get("model_checkpoint")
     ckpt_dir = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else None
@@ -136,7 +138,10 @@ def train(cfg: DictConfig) -> float | None:
             log.warning(
                 "no checkpoint with a finite %s was saved: testing the final weights", cfg.monitor
             )
-        trainer.test(module, datamodule=dm, ckpt_path=best_path or None, weights_only=True)
+        # verbose=False: the scores print once, below, not also as Lightning's table
+        trainer.test(
+            module, datamodule=dm, ckpt_path=best_path or None, weights_only=True, verbose=False
+        )
         if trainer.is_global_zero:
             metrics = {k: v for k, v in module.test_metrics.items()}
             out = {
@@ -149,8 +154,18 @@ def train(cfg: DictConfig) -> float | None:
             (run_dir / "test_metrics.json").write_text(json.dumps(out, indent=2))
             preds = [{"image_id": k, "caption": v} for k, v in module.test_predictions.items()]
             (run_dir / "test_predictions.json").write_text(json.dumps(preds, indent=1))
+            d = cfg.test_decode
+            tested = Path(best_path).name if best_path else "the final weights"
+            print(f"test ({tested}, beam {d.beam_size}, length penalty {d.length_penalty}):")
             print(json.dumps({"test": metrics}, indent=2))
+    say(f"done: run directory {run_dir} (checkpoints/, csv/metrics.csv, test_metrics.json)")
     return float(best) if best is not None else None
+
+
+@rank_zero_only
+def say(line: str) -> None:
+    """A line for the user, once per run (not once per DDP process), never buffered."""
+    print(line, flush=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

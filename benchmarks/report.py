@@ -6,6 +6,7 @@ the command that reproduces it; numbers taken on a busy machine are upper bounds
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -176,6 +177,7 @@ def gpu_table(lines: list[str]) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     hw = next(
         (
             r["hardware"]

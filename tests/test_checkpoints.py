@@ -119,6 +119,9 @@ def write_bad(kind: str, tmp_path: Path, trained: Path) -> tuple[Path, str]:
     if kind == "text":
         path.write_text("this is not a checkpoint\n")
         return path, "not a readable checkpoint"
+    if kind == "passwd":  # a text file that once ended in "list index out of range"
+        path.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/bin/sh\n")
+        return path, r"not a readable checkpoint: not a file written by torch.save \(train.py[^:]*$"
     if kind == "random_bytes":
         path.write_bytes(os.urandom(4096))
         return path, "not a readable checkpoint"
@@ -172,6 +175,7 @@ BAD = [
     "missing",
     "empty",
     "text",
+    "passwd",
     "random_bytes",
     "truncated",
     "truncated_by_one_byte",

@@ -1,4 +1,4 @@
-"""Lightning callbacks: `run_info.json` for sweep reports, W&B caption tables, weight EMA.
+"""Lightning callbacks: console progress, `run_info.json` for sweep reports, W&B, weight EMA.
 
 Nothing here imports wandb unless a WandbLogger is in use, so CSV-only runs never load it.
 Letters: B images, N regions, L generated words.
@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.callbacks import Callback, ProgressBar, WeightAveraging
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
@@ -29,6 +29,120 @@ from .transforms import model_view
 from .viz import attention_figure
 
 log = logging.getLogger(__name__)
+
+
+# -- console ---------------------------------------------------------------------------------
+def progress_bar(every_n_steps: int = 50, tty: bool | None = None) -> ProgressBar:
+    """Lightning's live bar on a terminal; without one (nohup, tee, CI) a plain line every
+    `every_n_steps` training steps, since a bar redrawn in place is silent or garbled in a file."""
+    if sys.stdout.isatty() if tty is None else tty:
+        from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+        try:
+            import rich  # noqa: F401
+        except ImportError:
+            return TQDMProgressBar()
+        return RichProgressBar()
+    return LineProgress(every_n_steps)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class LineProgress(ProgressBar):
+    """Training progress as plain lines: epoch, step, loss, speed and the epoch's time left."""
+
+    def __init__(self, every_n_steps: int = 50):
+        super().__init__()
+        self.every_n_steps = max(1, int(every_n_steps))
+        self._enabled = True
+        self._start = 0.0
+        self._first_batch = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+        self._first_batch = None  # a resumed epoch starts mid-way: rates count from here
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        if self._first_batch is None:
+            self._first_batch = i
+            self._start = time.perf_counter()
+            return
+        total = self.total_train_batches
+        done = i + 1
+        last = isinstance(total, int) and done == total
+        if not self._enabled or (done % self.every_n_steps and not last):
+            return
+        elapsed = time.perf_counter() - self._start
+        rate = (i - self._first_batch) / elapsed if elapsed > 0 else 0.0
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        parts.append(f"step {done}/{total}" if isinstance(total, int) else f"step {done}")
+        metrics = self.get_metrics(trainer, pl_module)
+        parts += [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)]
+        if rate > 0:
+            parts.append(f"{rate:.2f} steps/s")
+            if isinstance(total, int) and not last:
+                parts.append(f"epoch ends in {_clock((total - done) / rate)}")
+        print("  ".join(parts), flush=True)
+
+
+class ValidationSummary(Callback):
+    """One line per validation: epoch, val BLEU-4 and CIDEr-D, loss, the best so far, time."""
+
+    def __init__(self) -> None:
+        self._fit_start: float | None = None
+        self._epoch_start: float | None = None
+        self._best: float | None = None
+        self._best_epoch: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)}
+        monitor = getattr(pl_module, "monitor", "val/bleu4")
+        if monitor not in m:
+            return
+        now = time.perf_counter()
+        epoch = trainer.current_epoch + 1
+        value = m[monitor]
+        if math.isfinite(value) and (self._best is None or value > self._best):
+            self._best, self._best_epoch = value, epoch
+        names = {"val/bleu4": "BLEU-4", "val/cider": "CIDEr-D", "val/loss": "loss"}
+        parts = [f"epoch {epoch}/{trainer.max_epochs}: val"]
+        parts += [f"{names[k]} {m[k]:.{d}f}" for k, d in (("val/bleu4", 4), ("val/cider", 3),
+                                                       ("val/loss", 3)) if k in m]  # fmt: skip
+        best = m.get(f"{monitor}_best", self._best)  # the module's, which survives a resume
+        if best is not None and math.isfinite(best):
+            where = f" (epoch {self._best_epoch})" if best == self._best else ""
+            parts.append(f"best {names.get(monitor, monitor)} {best:.4f}{where}")
+        if self._epoch_start is not None and self._fit_start is not None:
+            took, total = now - self._epoch_start, now - self._fit_start
+            parts.append(f"time {_clock(took)} (total {_clock(total)})")
+        line = f"{parts[0]} {'  '.join(parts[1:])}"
+        bar = trainer.progress_bar_callback  # its print keeps a live bar intact
+        (bar.print if bar is not None else print)(line)
+        sys.stdout.flush()
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, int | float) or (isinstance(v, torch.Tensor) and v.numel() == 1)
 
 
 # -- weight averaging ------------------------------------------------------------------------
@@ -199,7 +313,46 @@ def wandb_logger(
         group = group or job["group"]
         name = name or job["name"]
         config = config if config is not None else job["config"]
+    if not kwargs.get("offline") and not os.environ.get("WANDB_MODE") and not wandb_api_key_found():
+        # wandb.init would stop the run with "No API key configured" (or wait at a prompt).
+        kwargs["offline"] = True
+        runs = Path(kwargs.get("save_dir") or kwargs.get("dir") or ".") / "wandb"
+        log.warning(
+            "W&B: no API key (WANDB_API_KEY or `wandb login`), so logging offline; upload later "
+            "with `wandb sync %s/offline-run-*` (WANDB_MODE=offline: the same, without this line)",
+            runs,
+        )
     return WandbLogger(group=group, name=name, config=config, **kwargs)
+
+
+def wandb_api_key_found() -> bool:
+    """Whether W&B would find credentials: the environment, the netrc file `wandb login` writes,
+    or wandb's settings file. Read here, without importing wandb or contacting its server."""
+    import configparser
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    home = Path.home()
+    netrcs = (
+        [os.environ["NETRC"]] if os.environ.get("NETRC") else [home / ".netrc", home / "_netrc"]
+    )
+    for path in netrcs:
+        try:
+            auth = netrc.netrc(path).authenticators(host or "")
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if auth and auth[2]:
+            return True
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or home / ".config" / "wandb")
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(config_dir / "settings")
+    except configparser.Error:
+        return False
+    return bool(settings.get("default", "api_key", fallback=""))
 
 
 def _hydra_job() -> dict[str, Any] | None:

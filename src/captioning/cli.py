@@ -1,7 +1,9 @@
 """Glue shared by the Hydra entry points: instantiate the trainer, print user errors cleanly."""
 
 import logging
+import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,89 @@ def run_safely(fn: Callable[[Any], Any], cfg: Any) -> Any:
             wandb.finish()
 
 
+# Hydra's own command-line flags that take a value (`python caption.py --help` lists them).
+_VALUE_FLAGS = {"-cp", "-cn", "-cd", "-c", "-p", "--cfg", "--package", "--experimental-rerun"}
+_VALUE_FLAGS |= {"--config-path", "--config-name", "--config-dir"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _is_override(arg: str) -> bool:
+    """`key=value`, `+key=value`, `~key`: Hydra's override grammar; anything else is a path."""
+    if arg.startswith("~") and "/" not in arg:
+        return True
+    return "=" in arg and not Path(arg).exists()
+
+
+def hydra_quote(text: str) -> str:
+    """`text` as a quoted Hydra string that reads back unchanged (commas, quotes, `${`)."""
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
+def paths_as_override(argv: list[str], key: str = "images") -> list[str]:
+    """`a.jpg dir/ x=1` -> `x=1 images=['a.jpg','dir/']`: plain paths become one list override.
+
+    Lets `python caption.py photo.jpg other.png` work as a user expects beside Hydra's form
+    (`images=[photo.jpg,other.png]`), which stays valid. Hydra's flags and their values
+    (`--cfg job`, `-cn name`, `--info defaults`) are left where they are.
+    """
+    kept: list[str] = []
+    paths: list[str] = []
+    at = 0  # the list goes where the first path was: Hydra's overrides must stay together
+    takes_value = False
+    for i, arg in enumerate(argv):
+        if takes_value:
+            kept.append(arg)
+            takes_value = False
+        elif arg.startswith("-"):
+            kept.append(arg)
+            takes_value = arg in _VALUE_FLAGS or (
+                arg in ("-i", "--info") and i + 1 < len(argv) and argv[i + 1] in _INFO_CHOICES
+            )
+        elif _is_override(arg):
+            kept.append(arg)
+        else:
+            at = len(kept) if not paths else at
+            paths.append(arg)
+    if not paths:
+        return list(argv)
+    if any(a.lstrip("+").startswith(f"{key}=") for a in kept):
+        print(
+            f"error: give the images either as paths or as {key}=[...], not both", file=sys.stderr
+        )
+        sys.exit(2)
+    return [*kept[:at], f"{key}=[{','.join(hydra_quote(p) for p in paths)}]", *kept[at:]]
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertisements for its cloud services, printed at every Trainer start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+_DROP_TIPS = _DropTips()
+
+
+def quiet_known_noise() -> None:
+    """Silence third-party messages that say nothing about this run, each at its source.
+
+    Only these: Lightning's "Tip" lines (litlogger, litmodels) and the deprecation of
+    `LeafSpec` that Lightning's own pytree code triggers in torch >= 2.10 at every fit, validation
+    and test; every other warning still shows. Without a terminal the `datasets` library's
+    progress bars, redrawn in place, would fill a log file with fragments: they are turned off.
+    """
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_TIPS)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    if not sys.stdout.isatty() and "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
 def instantiate_all(cfg: Any):
     """Trainer with its callbacks and loggers from the `trainer`, `callbacks`, `logger` groups."""
     import hydra
@@ -56,6 +141,9 @@ def instantiate_all(cfg: Any):
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("fast_dev_run"):
         callbacks.pop("lr_monitor", None)
+    if not trainer_cfg.get("enable_progress_bar", True):
+        callbacks.pop("progress", None)  # Lightning refuses a progress bar it was told not to show
+    quiet_known_noise()
     extra = {}
     if not trainer_cfg.get("plugins"):
         from .reliability import AtomicCheckpointIO

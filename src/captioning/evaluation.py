@@ -81,12 +81,50 @@ def rank_examples(
 ) -> tuple[list[str], list[str]]:
     """Image ids of the n best and n worst captions by a per-image score."""
     order = sorted(per_image, key=lambda i: (per_image[i].get(key) or 0.0, i))
-    return list(reversed(order[-n:])), order[:n]
+    n = max(n, 0)  # order[-0:] would be every image
+    return list(reversed(order[len(order) - n :])), order[:n]
 
 
 def summary(scores: dict[str, Any]) -> dict[str, Any]:
     """Round for printing; None (unavailable) stays None."""
     return {k: (None if v is None else round(float(v), 4)) for k, v in scores.items()}
+
+
+SHOWN = {"CIDEr": "CIDEr-D"}  # the CIDEr computed here is CIDEr-D
+
+
+def overall(
+    scores: Mapping[str, Any],
+    decode: Mapping[str, Any],
+    split: str,
+    images: int,
+    stats: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """The head of a report: split, decoding settings, the corpus scores, caption statistics."""
+    beam = int(decode.get("beam_size", 1))
+    how = "greedy" if beam == 1 else f"beam {beam}, length penalty {decode.get('length_penalty')}"
+    if decode.get("max_len"):
+        how += f", at most {decode['max_len']} words"
+    lines = [
+        f"Split `{split}`, {images} images; decoding: {how}.",
+        "",
+        "| " + " | ".join(SHOWN.get(k, k) for k in scores) + " |",
+        "|" + "---|" * len(scores),
+        "| "
+        + " | ".join("n/a" if v is None else f"{float(v):.4f}" for v in scores.values())
+        + " |",
+        "",
+    ]
+    if any(v is None for v in scores.values()):
+        lines += ["n/a: not computed (METEOR needs Java, or `decode.meteor=false`).", ""]
+    if stats:
+        lines += [
+            f"Captions: {stats['mean_words']:.1f} words on average, {stats['distinct_words']} "
+            f"distinct words, {stats['distinct_captions']:.0%} given to one image only, "
+            f"{stats['ends_mid_phrase']:.1%} ending mid-phrase.",
+            "",
+        ]
+    return lines
 
 
 def write_report(
@@ -98,13 +136,22 @@ def write_report(
     hyps: dict[str, Hypothesis],
     per_image: dict[str, dict[str, float]],
     n: int = 5,
+    scores: Mapping[str, Any] | None = None,
+    decode: Mapping[str, Any] | None = None,
+    split: str = "",
 ) -> Path:
-    """Write report.md (+ report/*.png) beside the metrics; returns the Markdown path."""
+    """Write report.md (+ report/*.png) beside the metrics; returns the Markdown path.
+
+    It opens with the overall scores and the decoding settings (when given), then shows the
+    best and worst captions by per-image CIDEr-D with their attention maps.
+    """
     fig_dir = run_dir / "report"
     fig_dir.mkdir(parents=True, exist_ok=True)
     best, worst = rank_examples(per_image, "CIDEr", n)
     row_of = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
     lines = [f"# Evaluation report: {cm.meta.get('path', '')}", ""]
+    if scores is not None:
+        lines += overall(scores, decode or {}, split, len(preds), caption_stats(preds))
     for title, ids in (
         ("Best captions (per-image CIDEr-D)", best),
         ("Worst captions (per-image CIDEr-D)", worst),

@@ -21,6 +21,8 @@ from .transforms import make_transform
 from .vocab import SPECIALS, Vocab
 
 SUPPORTED_FORMAT = 1
+# How a torch.save file starts: a zip archive (the default since PyTorch 1.6), or a pickle.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 # What `load_model` needs from a checkpoint's "captioning" block.
 _REQUIRED = ("encoder", "decoder", "vocab", "preprocess")
 
@@ -37,13 +39,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty, not a checkpoint")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head.startswith(_TORCH_MAGIC):
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint: not a file written by torch.save (train.py "
+            "writes <run dir>/checkpoints/*.ckpt)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types on foreign or corrupt files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        # An IndexError or KeyError from deep inside the unpickler says nothing to a user.
+        why = f": {first[:300]}" if first and not isinstance(e, LookupError | TypeError) else ""
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, corrupt, or it holds objects that "
-            f"are not plain tensors and values): {first[:300]}"
+            f"are not plain tensors and values){why}"
         ) from None
     info = ckpt.get("captioning") if isinstance(ckpt, dict) else None
     if not isinstance(info, dict) or not isinstance(ckpt.get("state_dict"), dict):

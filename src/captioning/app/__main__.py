@@ -1,7 +1,8 @@
 """`python -m captioning.app [--ckpt x.ckpt] [--port 8000]`: serve the page and the JSON API.
 
-Without --ckpt it serves the newest checkpoint under outputs/; with --train-if-missing (what
-`make app` passes) and none there, it trains the built-in model first with `python train.py`.
+Without --ckpt it serves the best checkpoint of the newest completed run under outputs/ (as
+caption.py does); with --train-if-missing (what `make app` passes) and no checkpoint there, it
+trains the built-in model first with `python train.py`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..checkpoint import newest_checkpoint, resolve_checkpoint
 from ..errors import CheckpointError, UserError
-from .service import APP_THREADS, Limits, newest_checkpoint, resolve_checkpoint
+from .service import APP_THREADS, Limits
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ckpt",
         default=os.environ.get("CKPT") or None,
-        help="checkpoint to serve (default: the newest *.ckpt under --outputs)",
+        help="checkpoint to serve (default: the best of the newest completed run under --outputs)",
     )
     p.add_argument("--outputs", default="outputs", help="where to look for checkpoints")
     p.add_argument("--host", default="127.0.0.1")

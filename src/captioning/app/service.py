@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from ..checkpoint import newest_checkpoint, resolve_checkpoint  # noqa: F401 (the app's names)
 from ..data.images import ImageDecodeError, load_rgb
-from ..errors import CheckpointError, UserError
+from ..errors import UserError
 from ..inference import CaptionModel, load_model
 from ..transforms import centre_square, model_box
 from ..viz import _heat  # the colour ramp of the paper-style figures, shared with the page
@@ -42,31 +43,6 @@ class Limits:
     max_pixels: int = 64_000_000  # declared width * height (an 8000 x 8000 photo)
     max_beam: int = 10
     decode_slots: int = 2  # images decoding at once: bounds the memory big uploads take
-
-
-def newest_checkpoint(root: str | Path = "outputs") -> Path | None:
-    """The most recently written `*.ckpt` under `root`, or None."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    ckpts = [p for p in root.rglob("*.ckpt") if p.is_file()]
-    return max(ckpts, key=lambda p: p.stat().st_mtime) if ckpts else None
-
-
-def resolve_checkpoint(path: str | Path | None, root: str | Path = "outputs") -> Path:
-    """`path` if given (it must exist), else the newest checkpoint under `root`."""
-    if path not in (None, ""):
-        p = Path(path)
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint not found: {p}")
-        return p
-    found = newest_checkpoint(root)
-    if found is None:
-        raise CheckpointError(
-            f"no checkpoint given and no *.ckpt under {root}/; train one with `python train.py` "
-            "(about 5 minutes on a CPU) or name one (caption.py ckpt_path=x.ckpt, make app CKPT=x.ckpt)"
-        )
-    return found
 
 
 def heat_png(alpha: np.ndarray, grid: int, size: int = 64) -> str:
