@@ -46,11 +46,17 @@ def instantiate_all(cfg: Any):
         for k, v in (cfg.get("callbacks") or {}).items()
         if v is not None and "_target_" in v
     }
-    loggers = [
-        hydra.utils.instantiate(v)
-        for v in (cfg.get("logger") or {}).values()
-        if v is not None and "_target_" in v
-    ]
+    loggers = []
+    for name, v in (cfg.get("logger") or {}).items():
+        if v is None or "_target_" not in v:
+            continue
+        try:
+            loggers.append(hydra.utils.instantiate(v))
+        except Exception as e:  # Hydra wraps the logger's own message (e.g. a missing package)
+            cause = e.__cause__ or e
+            if isinstance(cause, UserError):
+                raise cause from None
+            raise UserError(f"invalid logger config {name}: {cause}") from None
     if not loggers:
         callbacks.pop("lr_monitor", None)  # it needs a logger
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)

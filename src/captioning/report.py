@@ -402,7 +402,11 @@ def plot(sweep: Sweep, path: Path) -> bool:
     scored = [j for j in sweep.jobs if j.status == "ok" and j.best_score is not None]
     if not sweep.jobs:
         return False
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the table and the CSV matter more than the figure
+        log.warning("report.png skipped: it needs matplotlib (pip install matplotlib)")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
