@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -16,7 +15,7 @@ from captioning import meteor as MET
 from captioning.cli import run_safely
 from captioning.errors import ConfigError, UserError
 from captioning.metrics import METRIC_KEYS, score_corpus
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, compose_cfg, path_without_java
 
 sys.path.insert(0, str(ROOT))
 import evaluate as evaluate_script  # noqa: E402
@@ -33,25 +32,6 @@ def no_java(monkeypatch: pytest.MonkeyPatch) -> None:
         lambda cmd, *a, **k: None if cmd == "java" else REAL_WHICH(cmd, *a, **k),
     )
     monkeypatch.setattr(MET, "_noted_skip", False)
-
-
-def path_without_java(tmp_path: Path) -> str:
-    """os.environ's PATH with `java` gone: a folder holding one is replaced by a folder of links
-    to its other programs, so everything else (git, compilers) is still found."""
-    parts = []
-    for i, folder in enumerate(os.environ.get("PATH", "").split(os.pathsep)):
-        if not folder or not (Path(folder) / "java").exists():
-            parts.append(folder)
-            continue
-        shadow = tmp_path / f"bin{i}"
-        shadow.mkdir()
-        for entry in Path(folder).iterdir():
-            if entry.name != "java":
-                (shadow / entry.name).symlink_to(entry)
-        parts.append(str(shadow))
-    path = os.pathsep.join(parts)
-    assert REAL_WHICH("java", path=path) is None
-    return path
 
 
 @pytest.mark.parametrize(
