@@ -16,6 +16,7 @@ from captioning.cli import run_safely
 from captioning.datamodule import CaptionDataModule
 from captioning.evaluation import caption_dataset, caption_stats, summary, write_report
 from captioning.inference import load_model
+from captioning.meteor import require_meteor
 from captioning.metrics import score_corpus
 
 log = logging.getLogger("evaluate")
@@ -23,6 +24,8 @@ log = logging.getLogger("evaluate")
 
 def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
+    # before the model is loaded and the split captioned: demanded METEOR must be able to run
+    meteor = require_meteor(cfg.decode.get("meteor"), "decode.meteor")
     device = (
         cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -49,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict:
         length_penalty=d.length_penalty,
         allow_unk=bool(d.get("allow_unk", False)),
     )
-    scores = score_corpus(preds, refs, meteor=bool(d.meteor), per_image=True)
+    scores = score_corpus(preds, refs, meteor=meteor, per_image=True)
     per_image = scores.pop("per_image")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "predictions.json").write_text(

@@ -22,6 +22,7 @@ from captioning.evaluation import caption_stats
 from captioning.features import weights_digest
 from captioning.inference import read_checkpoint
 from captioning.lit_module import CaptioningModule
+from captioning.meteor import require_meteor
 from captioning.reliability import (
     check_checkpoint_dir,
     check_resumable,
@@ -46,6 +47,10 @@ def train(cfg: DictConfig) -> float | None:
     # Before the data is converted or its features cached, which can take long: a run that
     # cannot save fails now, not at the end of its first epoch; a bad checkpoint likewise.
     check_checkpoint_dir(ckpt_dir)
+    # Optional tools met only after training (METEOR at the test step): a run that demands one
+    # that is missing stops now; `auto` goes on and reports it as null.
+    if cfg.test:
+        require_meteor(cfg.test_decode.get("meteor"), "test_decode.meteor")
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir, resume=cfg.get("resume", "never"))
     resume_from = read_checkpoint(ckpt_path) if ckpt_path else None
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,14 @@ def test_writes_markdown_csv_and_plot(sweep):
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 4  # header + one row per job, the failed one included
     assert (sweep / "report.png").stat().st_size > 10_000
+
+
+def test_without_matplotlib_the_table_is_written_without_its_figure(sweep, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    paths = report.write_report(sweep)
+    assert set(paths) == {"csv", "md"} and not (sweep / "report.png").exists()
+    assert "**Best: job 2**" in paths["md"].read_text()
+    assert "pip install matplotlib" in caplog.text
 
 
 def test_a_job_killed_mid_run_is_listed_as_failed(tmp_path):

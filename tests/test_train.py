@@ -44,6 +44,26 @@ def test_evaluate_config_composes(tmp_path):
     assert cfg.decode.beam_size == 3 and cfg.split == "test"
 
 
+def test_trainer_gpu_settings_are_config_keys_applied_on_cuda_only(tmp_path):
+    from captioning.cli import instantiate_all
+    from captioning.errors import ConfigError
+
+    cfg = compose_cfg("train", ["trainer=gpu"], out=tmp_path)
+    assert cfg.trainer.matmul_precision == "high" and cfg.trainer.benchmark is True
+    assert compose_cfg("train", [], out=tmp_path).trainer.matmul_precision == "highest"
+    before = torch.get_float32_matmul_precision()
+    # the same settings on a CPU trainer: the Trainer takes them, TF32 is left alone
+    cfg = compose_cfg("train", ["trainer=gpu", "trainer.accelerator=cpu"], out=tmp_path)
+    trainer, _ = instantiate_all(cfg)
+    assert trainer.precision == "bf16-mixed"
+    assert torch.get_float32_matmul_precision() == before
+    bad = compose_cfg(
+        "train", ["trainer.matmul_precision=fast", "trainer.accelerator=cpu"], out=tmp_path
+    )
+    with pytest.raises(ConfigError, match="highest, high, medium"):
+        instantiate_all(bad)
+
+
 def tiny(tmp_path: Path, cache: Path, *extra: str):
     return compose_cfg(
         "train", ["debug=tiny", "trainer.accelerator=cpu", *extra], out=tmp_path, cache=cache

@@ -4,6 +4,7 @@ Nothing here imports wandb unless a WandbLogger is in use, so CSV-only runs neve
 Letters: B images, N regions, L generated words.
 """
 
+import importlib.util
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from PIL import Image
 from .data.images import load_rgb
 from .datamodule import CaptionDataset, collate
 from .decoding import Hypothesis, generate
+from .errors import UserError
 from .transforms import model_view
 from .viz import attention_figure
 
@@ -308,6 +310,8 @@ def wandb_logger(
     sweep), `config` the resolved config the job saved in `.hydra/config.yaml`. Other arguments go
     to `WandbLogger` (and from there to `wandb.init`).
     """
+    if importlib.util.find_spec("wandb") is None:  # now, not when the first metric is logged
+        raise UserError("logger=wandb needs wandb: pip install wandb, or choose logger=csv")
     job = _hydra_job()
     if job is not None:
         group = group or job["group"]

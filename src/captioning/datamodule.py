@@ -67,6 +67,10 @@ class CaptionDataModule(L.LightningDataModule):
         """On one process per machine: compute any missing cached features."""
         if self.encoder is None:
             return
+        # On the device the run trains on: a GPU run caches its features on the GPU (the same
+        # features to fp16 storage precision, under the same key: tests/test_gpu.py).
+        strategy = getattr(self.trainer, "strategy", None) if self.trainer is not None else None
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
         for split in self.splits or self.load().splits:
             compute_features(
                 self.encoder,
@@ -74,6 +78,7 @@ class CaptionDataModule(L.LightningDataModule):
                 self._feature_dir(split),
                 batch_size=int(self.cfg.get("eval_batch_size", 64)),
                 num_workers=int(self.cfg.get("num_workers", 0)),
+                device=device,
             )
 
     def load(self) -> "CaptionDataModule":

@@ -16,7 +16,8 @@ from .distill import check_config as distill_config
 from .distill import distill_loss, kl_to_teacher, teacher_log_probs
 from .errors import ConfigError
 from .inference import CaptionModel
-from .metrics import CiderD, score_corpus
+from .meteor import meteor_mode
+from .metrics import LOG_NAMES, CiderD, score_corpus
 from .model import build_captioner
 from .scst import check_config as scst_config
 from .scst import reward_scorer, self_critical_step
@@ -25,17 +26,17 @@ from .vocab import Vocab
 # Lightning's warning at the start of training (see CaptioningModule.on_fit_start).
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
-CHECKPOINT_FORMAT = 1  # bump when the "captioning" block of a checkpoint changes incompatibly
+# Lightning's advice, under DDP, to log epoch-level metrics with sync_dist=True. The caption
+# scores need no reduction across ranks: `_gather_and_score` gives every rank all the captions
+# (each image once), and every rank scores that same set identically, so each rank logs the
+# corpus score itself. Averaging those would be a no-op at best; averaging per-rank scores
+# instead would be wrong (corpus BLEU and CIDEr-D are not means over images). Only these names
+# are quieted; the losses are per-batch means and are logged with sync_dist=True.
+SYNC_DIST_ADVICE = (
+    r"It is recommended to use `self\.log\('(val|test)/(bleu[1-4]|meteor|rouge_l|cider)(_best)?'"
+)
 
-METRIC_KEYS = {
-    "BLEU-1": "bleu1",
-    "BLEU-2": "bleu2",
-    "BLEU-3": "bleu3",
-    "BLEU-4": "bleu4",
-    "METEOR": "meteor",
-    "ROUGE-L": "rouge_l",
-    "CIDEr": "cider",
-}
+CHECKPOINT_FORMAT = 1  # bump when the "captioning" block of a checkpoint changes incompatibly
 
 
 def only_the_frozen_trunk_in_eval_mode(module: L.LightningModule) -> bool:
@@ -80,6 +81,7 @@ class CaptioningModule(L.LightningModule):
         if monitor not in ("val/bleu4", "val/cider"):
             raise ConfigError(f"monitor must be one of val/bleu4, val/cider; got {monitor!r}")
         self.monitor = monitor
+        meteor_mode(test_decode.get("meteor"), "test_decode.meteor")  # a bad value fails now
         # Self-critical stage (captioning/scst.py): batches are images with their references.
         self.scst = scst_config(scst) if scst else None
         self._cider: CiderD | None = None
@@ -150,6 +152,10 @@ class CaptioningModule(L.LightningModule):
             self._cider = reward_scorer(refs, self.scst)
         if only_the_frozen_trunk_in_eval_mode(self):
             warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+        warnings.filterwarnings("ignore", message=SYNC_DIST_ADVICE)
+
+    def on_test_start(self) -> None:
+        warnings.filterwarnings("ignore", message=SYNC_DIST_ADVICE)  # trainer.test without fit
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.scst is not None:
@@ -206,7 +212,9 @@ class CaptioningModule(L.LightningModule):
         captions = self._generate(feats, decode)
         self._outputs.extend(zip(batch["image_ids"], captions, batch["refs"], strict=True))
 
-    def _gather_and_score(self, meteor: bool) -> tuple[dict[str, str], dict[str, float | None]]:
+    def _gather_and_score(
+        self, meteor: bool | None
+    ) -> tuple[dict[str, str], dict[str, float | None]]:
         outputs = self._outputs
         self._outputs = []
         if self.trainer.world_size > 1:  # every rank gets every caption
@@ -226,8 +234,8 @@ class CaptioningModule(L.LightningModule):
         _, scores = self._gather_and_score(meteor=False)
         if self.trainer.sanity_checking:
             return
-        values = {f"val/{METRIC_KEYS[k]}": v for k, v in scores.items() if v is not None}
-        self.log_dict(values, sync_dist=False)  # identical on every rank after the gather
+        values = {f"val/{LOG_NAMES[k]}": v for k, v in scores.items() if v is not None}
+        self.log_dict(values, sync_dist=False)  # identical on every rank: see SYNC_DIST_ADVICE
         current = values[self.monitor]
         if math.isfinite(current):
             self.best = max(self.best, current)
@@ -237,11 +245,12 @@ class CaptioningModule(L.LightningModule):
         self._eval_step(batch, self.hparams.test_decode, "test")
 
     def on_test_epoch_end(self) -> None:
-        preds, scores = self._gather_and_score(
-            meteor=bool(self.hparams.test_decode.get("meteor", True))
-        )
+        # test_decode.meteor: auto (None) when absent, as in conf/train.yaml; `true` was checked
+        # before training (captioning.meteor.require_meteor)
+        mode = meteor_mode(self.hparams.test_decode.get("meteor"), "test_decode.meteor")
+        preds, scores = self._gather_and_score(meteor=mode)
         self.test_predictions, self.test_metrics = preds, scores
-        self.log_dict({f"test/{METRIC_KEYS[k]}": v for k, v in scores.items() if v is not None})
+        self.log_dict({f"test/{LOG_NAMES[k]}": v for k, v in scores.items() if v is not None})
 
     # -- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):

@@ -444,6 +444,11 @@ def _numeric(values: list[str]) -> list[float] | None:
 
 def plot(sweep: Sweep, path: Path) -> bool:
     """Write `figure(sweep)` to `path`; False if there is nothing to plot."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the table and the CSV matter more than the figure
+        log.warning("report.png skipped: it needs matplotlib (pip install matplotlib)")
+        return False
     fig = figure(sweep)
     if fig is None:
         return False
