@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: help install train test test-slow lint format app bench clean
+.PHONY: help install train test test-slow lint format app bench gpu gpu-dry-run gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,19 @@ bench: $(STAMP)            ## speed and memory benchmarks (CPU; GPU when there i
 	$(BIN)/python benchmarks/memory.py --size coco
 	$(BIN)/python benchmarks/gpu_train.py
 	$(BIN)/python benchmarks/report.py
+
+# A lent GPU machine has no network, so no .venv: there python3 with the carried wheels runs it
+# (docs/performance.md, "GPU").
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu:                       ## CUDA test tier + GPU benchmarks, ~5 min (docs/performance.md, "GPU"); no CUDA: skipped
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(ARGS)
+
+gpu-dry-run:               ## the same script on the CPU at small sizes: checks its code, times nothing
+	$(GPU_PYTHON) benchmarks/gpu_check.py --device cpu --quick $(ARGS)
+
+gpu-wheels:                ## wheels of what a bare GPU machine lacks, into .whl/ (needs PyPI)
+	benchmarks/gpu_wheels.sh
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
