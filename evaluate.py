@@ -13,11 +13,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import run_safely
-from captioning.datamodule import CaptionDataModule
 from captioning.evaluation import caption_dataset, caption_stats, summary, write_report
 from captioning.inference import load_model
 from captioning.meteor import require_meteor
 from captioning.metrics import score_corpus
+from captioning.training.datamodule import CaptionDataModule
 
 log = logging.getLogger("evaluate")
 

@@ -1,7 +1,7 @@
 """Train a captioner: `python train.py [encoder=resnet101] [data=flickr8k] [trainer.devices=2]`.
 
 Interrupted runs continue where they stopped: `python train.py <same overrides>
-hydra.run.dir=<run dir> resume=auto` (or `ckpt_path=last`); see captioning/reliability.py.
+hydra.run.dir=<run dir> resume=auto` (or `ckpt_path=last`); see captioning/training/resume.py.
 """
 
 import json
@@ -13,23 +13,24 @@ import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from captioning.checkpoint import (
+    check_checkpoint_dir,
+    check_resumable,
+    checkpoint_bytes,
+    model_state,
+    read_checkpoint,
+)
 from captioning.cli import instantiate_all, resolve_ckpt_path, run_safely
-from captioning.datamodule import CaptionDataModule
 from captioning.distill import check_config as distill_config
 from captioning.distill import check_teacher, load_teacher
 from captioning.errors import ConfigError
 from captioning.evaluation import caption_stats
 from captioning.features import weights_digest
-from captioning.inference import read_checkpoint
-from captioning.lit_module import CaptioningModule
 from captioning.meteor import require_meteor
-from captioning.reliability import (
-    check_checkpoint_dir,
-    check_resumable,
-    checkpoint_bytes,
-    continue_csv_logs,
-)
 from captioning.scst import check_config as scst_config
+from captioning.training.datamodule import CaptionDataModule
+from captioning.training.lit_module import CaptioningModule
+from captioning.training.resume import continue_csv_logs
 from captioning.vocab import Vocab
 
 log = logging.getLogger("train")
@@ -108,8 +109,7 @@ def train(cfg: DictConfig) -> float | None:
         distill=distill,
     )
     if init is not None:
-        sd = init["state_dict"]
-        module.model.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()})
+        module.model.load_state_dict(model_state(init["state_dict"]))
         if encoder_cfg.get("fine_tune", "none") != "none":  # fine-tuned weights: their own cache
             module.model.encoder.weights_id = "init:" + weights_digest(module.model.encoder)
         del init

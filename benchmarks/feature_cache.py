@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from captioning.datamodule import CaptionDataModule
 from captioning.decoders import build_decoder
 from captioning.encoders import build_encoder
+from captioning.training.datamodule import CaptionDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR8K = Path(os.environ.get("FLICKR8K_ROOT", ROOT.parent / "shared" / "data" / "flickr8k"))

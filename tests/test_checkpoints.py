@@ -20,9 +20,10 @@ from conftest import ROOT, compose_cfg
 
 sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
+from captioning.checkpoint import read_checkpoint  # noqa: E402
 from captioning.cli import run_safely  # noqa: E402
 from captioning.errors import CheckpointError  # noqa: E402
-from captioning.inference import load_model, read_checkpoint  # noqa: E402
+from captioning.inference import load_model  # noqa: E402
 
 SMALL = [
     "debug=tiny",

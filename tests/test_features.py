@@ -5,9 +5,9 @@ import json
 import numpy as np
 import torch
 
-from captioning.datamodule import CaptionDataModule
 from captioning.encoders import build_encoder
 from captioning.features import cache_dir_for, cache_key
+from captioning.training.datamodule import CaptionDataModule
 
 DATA = {
     "name": "synthetic",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError
-from .inference import CaptionModel, _same_weights, load_model
+from .inference import CaptionModel, load_model, same_weights
 
 
 def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def check_teacher(teacher: CaptionModel, vocab_itos: list[str], student_encoder=
     if (
         len(encoders) != 1
         or getattr(encoders[0], "grid", None) != getattr(student_encoder, "grid", None)
-        or not _same_weights(encoders[0], student_encoder)
+        or not same_weights(encoders[0], student_encoder)
         or teacher.preprocess != student_encoder.preprocess
     ):
         raise ConfigError(

@@ -1,27 +1,25 @@
 """LightningModule: plain hyperparameters in, builds the Captioner itself, scores generated captions."""
 
 import math
-import subprocess
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .decoding import generate
-from .distill import check_config as distill_config
-from .distill import distill_loss, kl_to_teacher, teacher_log_probs
-from .errors import ConfigError
-from .inference import CaptionModel
-from .meteor import meteor_mode
-from .metrics import LOG_NAMES, CiderD, score_corpus
-from .model import build_captioner
-from .scst import check_config as scst_config
-from .scst import reward_scorer, self_critical_step
-from .vocab import Vocab
+from ..checkpoint import checkpoint_block
+from ..decoding import generate
+from ..distill import check_config as distill_config
+from ..distill import distill_loss, kl_to_teacher, teacher_log_probs
+from ..errors import ConfigError
+from ..inference import CaptionModel
+from ..meteor import meteor_mode
+from ..metrics import LOG_NAMES, CiderD, score_corpus
+from ..model import build_captioner
+from ..scst import check_config as scst_config
+from ..scst import reward_scorer, self_critical_step
+from ..vocab import Vocab
 
 # Lightning's warning at the start of training (see CaptioningModule.on_fit_start).
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
@@ -35,8 +33,6 @@ EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of trainin
 SYNC_DIST_ADVICE = (
     r"It is recommended to use `self\.log\('(val|test)/(bleu[1-4]|meteor|rouge_l|cider)(_best)?'"
 )
-
-CHECKPOINT_FORMAT = 1  # bump when the "captioning" block of a checkpoint changes incompatibly
 
 
 def only_the_frozen_trunk_in_eval_mode(module: L.LightningModule) -> bool:
@@ -306,34 +302,17 @@ class CaptioningModule(L.LightningModule):
             for k, v in self.trainer.callback_metrics.items()
             if isinstance(v, torch.Tensor) and v.numel() == 1
         }
-        checkpoint["captioning"] = {
-            "format": CHECKPOINT_FORMAT,
-            "encoder": dict(h.encoder),
-            "decoder": dict(h.decoder),
-            "vocab": self.vocab.to_dict(),
-            "preprocess": self.model.encoder.preprocess.to_dict(),
-            "data": dict(h.data_info or {}),
-            "metrics": metrics,
-            "monitor": self.monitor,
-            "monitor_best": float(self.best),  # exact, for `{monitor}_best` after a resume
-            "code_version": code_version(),
-        }
+        checkpoint["captioning"] = checkpoint_block(
+            encoder=h.encoder,
+            decoder=h.decoder,
+            vocab=self.vocab.to_dict(),
+            preprocess=self.model.encoder.preprocess.to_dict(),
+            data=h.data_info,
+            metrics=metrics,
+            monitor=self.monitor,
+            monitor_best=self.best,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A resumed run logs the same `{monitor}_best` as the uninterrupted one."""
         self.best = float(checkpoint.get("captioning", {}).get("monitor_best", -math.inf))
-
-
-def code_version() -> str:
-    """Package version plus the git commit when run from a checkout."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__

@@ -9,12 +9,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .data import load_splits
-from .data.dataset import CaptionDataset, collate
-from .encoders import Encoder, Preprocess
-from .errors import ConfigError
-from .features import cache_dir_for, cache_key, compute_features, load_features
-from .vocab import Vocab
+from ..data import load_splits
+from ..data.dataset import CaptionDataset, collate
+from ..encoders import Encoder, Preprocess
+from ..errors import ConfigError
+from ..features import cache_dir_for, cache_key, compute_features, load_features
+from ..vocab import Vocab
 
 
 class CaptionDataModule(L.LightningDataModule):
