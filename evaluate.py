@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import run_safely
+from captioning.decoding import DecodeConfig
 from captioning.evaluation import caption_dataset, caption_stats, summary, write_report
 from captioning.inference import load_model
 from captioning.meteor import require_meteor
@@ -47,10 +48,7 @@ def evaluate(cfg: DictConfig) -> dict:
         cm,
         dataset,
         batch_size=batch_size,
-        beam_size=d.beam_size,
-        max_len=d.max_len,
-        length_penalty=d.length_penalty,
-        allow_unk=bool(d.get("allow_unk", False)),
+        decode=DecodeConfig.from_dict(d),
     )
     scores = score_corpus(preds, refs, meteor=meteor, per_image=True)
     per_image = scores.pop("per_image")

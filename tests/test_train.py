@@ -176,8 +176,8 @@ def test_label_smoothing_changes_the_objective_not_the_logged_nll(data_cache):
     (plain, ce0), (smoothed, ce1) = losses[0.0], losses[0.2]
     torch.testing.assert_close(ce0, ce1)  # the logged NLL ignores smoothing
 
-    captions = batch["captions"]
-    logits, _ = module.model.decoder(module.features(batch), captions[:, :-1])
+    captions = batch.captions
+    logits, _ = module.model(module.model.features(batch), captions[:, :-1])
     targets = captions[:, 1:].flatten()
     pad = module.vocab.pad_id
     flat = logits.detach().flatten(0, 1)

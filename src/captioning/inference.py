@@ -13,12 +13,13 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoint import model_state, read_checkpoint
-from .decoding import Hypothesis, generate
+from .decoding import DecodeConfig, Hypothesis
 from .encoders import Preprocess
 from .ensemble import EnsembleDecoder, EnsembleEncoder
 from .errors import CheckpointError
 from .model import Captioner, build_captioner
 from .transforms import make_transform
+from .viz import square_grid
 from .vocab import Vocab
 
 
@@ -45,29 +46,19 @@ class CaptionModel:
 
     @torch.no_grad()
     def caption_tensor(
-        self,
-        images: Tensor,
-        beam_size: int = 3,
-        max_len: int | None = None,
-        length_penalty: float = 1.0,
-        allow_unk: bool = False,
+        self, images: Tensor, decode: DecodeConfig | None = None, **options: Any
     ) -> list[list[Hypothesis]]:
-        feats = self.model.encode(images)  # (B, N, D)
-        return generate(
-            self.model.decoder,
-            feats,
-            beam_size=beam_size,
-            start_id=self.vocab.start_id,
-            end_id=self.vocab.end_id,
-            pad_id=self.vocab.pad_id,
-            max_len=max_len or self.vocab.max_len,
-            length_penalty=length_penalty,
-            banned=self.vocab.banned(allow_unk),
-        )
+        """Beams (best first) for each image (B, 3, S, S). `decode`, or its fields as keywords
+        (`beam_size=3`, the default here)."""
+        if decode is None:
+            decode = DecodeConfig(**{"beam_size": 3, **options})
+        return self.model.generate(self.model.encode(images), self.vocab, decode)
 
-    def caption(self, images: list[Image.Image], **decode: Any) -> list[list[Hypothesis]]:
+    def caption(
+        self, images: list[Image.Image], decode: DecodeConfig | None = None, **options: Any
+    ) -> list[list[Hypothesis]]:
         """Beams (best first) for each PIL image."""
-        return self.caption_tensor(self.images_to_tensor(images), **decode)
+        return self.caption_tensor(self.images_to_tensor(images), decode, **options)
 
     def text(self, hyp: Hypothesis) -> str:
         return self.vocab.decode(hyp.tokens)
@@ -75,11 +66,7 @@ class CaptionModel:
     @property
     def grid(self) -> int | None:
         """Side of the square attention grid, if the encoder's regions form one."""
-        n = self.meta.get("num_regions")
-        if not n:
-            return None
-        side = int(round(n**0.5))
-        return side if side * side == n else None
+        return square_grid(self.meta.get("num_regions") or 0)
 
 
 def load_model(

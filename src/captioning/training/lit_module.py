@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import checkpoint_block
-from ..decoding import generate
+from ..data.dataset import Batch
+from ..decoding import DecodeConfig
 from ..distill import check_config as distill_config
 from ..distill import distill_loss, kl_to_teacher, teacher_log_probs
 from ..errors import ConfigError
@@ -92,19 +93,13 @@ class CaptioningModule(L.LightningModule):
         self.test_predictions: dict[str, str] = {}
         self.test_metrics: dict[str, float | None] = {}
 
-    def features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Region features (B, N, D): cached ones when the batch has them, else the encoder's."""
-        if "feats" in batch:
-            return batch["feats"]
-        return self.model.encode(batch["images"])
-
     # -- training ---------------------------------------------------------------------------
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        captions = batch["captions"]  # (B, L): <start> w1 .. wn <end> <pad>..
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        captions = batch.captions  # (B, L): <start> w1 .. wn <end> <pad>..
         inputs, targets = captions[:, :-1], captions[:, 1:]  # (B, T) each
         # lengths: the decoder skips the padding steps of each row (their logits are masked)
         lengths = (targets != self.vocab.pad_id).sum(1)  # (B,)
-        logits, alphas = self.model.decoder(self.features(batch), inputs, lengths=lengths)
+        logits, alphas = self.model(self.model.features(batch), inputs, lengths=lengths)
         token_nll = F.cross_entropy(
             logits.flatten(0, 1).float(),
             targets.flatten(),
@@ -153,60 +148,47 @@ class CaptioningModule(L.LightningModule):
     def on_test_start(self) -> None:
         warnings.filterwarnings("ignore", message=SYNC_DIST_ADVICE)  # trainer.test without fit
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.scst is not None:
             return self._self_critical_step(batch)
         loss, ce = self.loss(batch)
-        bs = batch["captions"].size(0)
+        bs = batch.captions.size(0)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/ce", ce, batch_size=bs)
         return loss
 
-    def _self_critical_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        if "image_ids" not in batch:
+    def _self_critical_step(self, batch: Batch) -> torch.Tensor:
+        if batch.image_ids is None:
             raise ConfigError("self-critical training needs batches of images with references")
         # No dropout and no batch statistics here (see captioning/scst.py); gradients still flow.
         self.model.encoder.eval()
         loss, stats = self_critical_step(
             self.model.decoder,
-            self.features(batch),
-            batch["image_ids"],
+            self.model.features(batch),
+            batch.image_ids,
             self.vocab,
             self._cider,
             self.scst,
             self.vocab.banned(False),
         )
-        bs = len(batch["image_ids"])
+        bs = len(batch.image_ids)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=bs)
         return loss
 
     # -- evaluation -------------------------------------------------------------------------
-    def _generate(self, feats: torch.Tensor, decode: dict[str, Any]) -> list[str]:
-        beams = generate(
-            self.model.decoder,
-            feats,
-            beam_size=int(decode.get("beam_size", 1)),
-            start_id=self.vocab.start_id,
-            end_id=self.vocab.end_id,
-            pad_id=self.vocab.pad_id,
-            max_len=int(decode.get("max_len") or self.vocab.max_len),
-            length_penalty=float(decode.get("length_penalty", 1.0)),
-            banned=self.vocab.banned(bool(decode.get("allow_unk", False))),
-        )
-        return [self.vocab.decode(b[0].tokens) for b in beams]
-
-    def _eval_step(self, batch: dict[str, Any], decode: dict[str, Any], stage: str) -> None:
-        feats = self.features(batch)
-        captions = batch["captions"]
+    def _eval_step(self, batch: Batch, decode: dict[str, Any], stage: str) -> None:
+        feats = self.model.features(batch)
+        captions = batch.captions
         lengths = (captions[:, 1:] != self.vocab.pad_id).sum(1)  # (B,)
-        logits, _ = self.model.decoder(feats, captions[:, :-1], lengths=lengths)
+        logits, _ = self.model(feats, captions[:, :-1], lengths=lengths)
         ce = F.cross_entropy(
             logits.flatten(0, 1).float(), captions[:, 1:].flatten(), ignore_index=self.vocab.pad_id
         )
-        self.log(f"{stage}/loss", ce, batch_size=len(batch["image_ids"]), sync_dist=True)
-        captions = self._generate(feats, decode)
-        self._outputs.extend(zip(batch["image_ids"], captions, batch["refs"], strict=True))
+        self.log(f"{stage}/loss", ce, batch_size=len(batch.image_ids), sync_dist=True)
+        beams = self.model.generate(feats, self.vocab, DecodeConfig.from_dict(decode))
+        captions = [self.vocab.decode(b[0].tokens) for b in beams]
+        self._outputs.extend(zip(batch.image_ids, captions, batch.refs, strict=True))
 
     def _gather_and_score(
         self, meteor: bool | None
@@ -223,7 +205,7 @@ class CaptioningModule(L.LightningModule):
             preds[image_id], refs[image_id] = caption, image_refs
         return preds, score_corpus(preds, refs, meteor=meteor)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, self.hparams.val_decode, "val")
 
     def on_validation_epoch_end(self) -> None:
@@ -237,7 +219,7 @@ class CaptioningModule(L.LightningModule):
             self.best = max(self.best, current)
         self.log(f"{self.monitor}_best", self.best)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, self.hparams.test_decode, "test")
 
     def on_test_epoch_end(self) -> None:

@@ -21,10 +21,10 @@ from PIL import Image
 
 from ..data.dataset import CaptionDataset, collate
 from ..data.images import load_rgb
-from ..decoding import Hypothesis, generate
+from ..decoding import DecodeConfig
 from ..errors import UserError
 from ..transforms import model_view
-from ..viz import attention_figure
+from ..viz import caption_figure
 
 log = logging.getLogger(__name__)
 
@@ -156,30 +156,6 @@ class CaptionExample:
 TABLE_COLUMNS = ["epoch", "image_id", "image", "caption", "references", "attention"]
 
 
-def decode_hypotheses(
-    pl_module: L.LightningModule, feats: torch.Tensor, decode: dict[str, Any]
-) -> list[Hypothesis]:
-    """The best hypothesis per image, decoded as validation decodes (the `val_decode` settings)."""
-    vocab = pl_module.vocab
-    beams = generate(
-        pl_module.model.decoder,
-        feats,
-        beam_size=int(decode.get("beam_size", 1)),
-        start_id=vocab.start_id,
-        end_id=vocab.end_id,
-        pad_id=vocab.pad_id,
-        max_len=int(decode.get("max_len") or vocab.max_len),
-        length_penalty=float(decode.get("length_penalty", 1.0)),
-        banned=vocab.banned(bool(decode.get("allow_unk", False))),
-    )
-    return [b[0] for b in beams]
-
-
-def _grid(n_regions: int) -> int | None:
-    side = int(round(n_regions**0.5))
-    return side if side * side == n_regions else None
-
-
 def _raw_rows(dataset: CaptionDataset, image_ids: list[str]) -> list[int]:
     """Rows of the underlying table for these ids (preloading may have dropped bad images)."""
     if len(dataset.ds) == len(dataset.image_ids):
@@ -204,39 +180,37 @@ def caption_examples(
     batch = collate([dataset[i] for i in idx])
     # Validation batches get the precision plugin's cast; here match the weights (bf16-true).
     dtype = next(pl_module.parameters()).dtype
-    inputs = {k: batch[k].to(pl_module.device, dtype) for k in ("feats", "images") if k in batch}
+    batch = batch._replace(
+        feats=None if batch.feats is None else batch.feats.to(pl_module.device, dtype),
+        images=None if batch.images is None else batch.images.to(pl_module.device, dtype),
+    )
     decode = dict(decode if decode is not None else pl_module.hparams.get("val_decode") or {})
+    model, vocab = pl_module.model, pl_module.vocab
     was_training = pl_module.training
     pl_module.eval()
-    try:
-        feats = pl_module.features(inputs)  # (B, N, D)
-        hyps = decode_hypotheses(pl_module, feats, decode)
+    try:  # the best hypothesis per image, decoded as validation decodes
+        beams = model.generate(model.features(batch), vocab, DecodeConfig.from_dict(decode))
     finally:
         pl_module.train(was_training)
-    grid = _grid(feats.size(1))
-    itos = pl_module.vocab.itos
-    preprocess = pl_module.model.encoder.preprocess
+    preprocess = model.encoder.preprocess
     out = []
-    for image_id, refs, hyp, row in zip(
-        batch["image_ids"],
-        batch["refs"],
-        hyps,
-        _raw_rows(dataset, batch["image_ids"]),
-        strict=True,
-    ):
+    rows = _raw_rows(dataset, batch.image_ids)
+    for image_id, refs, beam, row in zip(batch.image_ids, batch.refs, beams, rows, strict=True):
         # Shown from the original file, whatever the model was fed (pixels or cached features),
         # cropped to the part the model saw: the part its attention maps refer to.
-        image = model_view(load_rgb(dataset.ds[row]["image"]), preprocess)
+        original = load_rgb(dataset.ds[row]["image"])
+        image = model_view(original, preprocess)
         image.thumbnail((display_size, display_size))
-        words = [itos[t] for t in hyp.tokens]
-        alphas = hyp.alphas  # (L, N), or None for decoders without attention
+        hyp = beam[0]  # its alphas (L, N), or None for decoders without attention
         out.append(
             CaptionExample(
                 image_id=str(image_id),
                 image=image,
-                caption=pl_module.vocab.decode(hyp.tokens),
+                caption=vocab.decode(hyp.tokens),
                 refs=list(refs),
-                attention=attention_figure(image, words, alphas, grid, tile=tile),
+                attention=caption_figure(
+                    original, hyp.tokens, hyp.alphas, vocab.itos, preprocess, tile=tile
+                ),
             )
         )
     return out
