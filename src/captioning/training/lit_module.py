@@ -11,14 +11,12 @@ import torch.nn.functional as F
 from ..checkpoint import checkpoint_block
 from ..data.dataset import Batch
 from ..decoding import DecodeConfig
-from ..distill import check_config as distill_config
 from ..distill import distill_loss, kl_to_teacher, teacher_log_probs
 from ..errors import ConfigError
 from ..inference import CaptionModel
 from ..meteor import meteor_mode
 from ..metrics import LOG_NAMES, CiderD, score_corpus
 from ..model import build_captioner
-from ..scst import check_config as scst_config
 from ..scst import reward_scorer, self_critical_step
 from ..vocab import Vocab
 
@@ -80,11 +78,11 @@ class CaptioningModule(L.LightningModule):
         self.monitor = monitor
         meteor_mode(test_decode.get("meteor"), "test_decode.meteor")  # a bad value fails now
         # Self-critical stage (captioning/scst.py): batches are images with their references.
-        self.scst = scst_config(scst) if scst else None
+        self.scst = scst or None  # checked by scst.check_config (training/setup.py)
         self._cider: CiderD | None = None
         # Distillation (captioning/distill.py): the teacher is set with `set_teacher`. It is kept
         # out of the module tree so that its weights stay out of the checkpoints and optimiser.
-        self.distill = distill_config(distill) if distill else None
+        self.distill = distill or None  # checked by distill.check_config
         self._teacher: list[CaptionModel] = []
         if compile:  # torch.compile of the decoder's training step; weights keep their keys
             self.model.decoder.compile_step()
