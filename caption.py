@@ -24,7 +24,7 @@ from captioning.cli import paths_as_override, run_safely
 from captioning.data.images import ImageDecodeError, load_rgb
 from captioning.decoding import DecodeConfig
 from captioning.errors import UserError
-from captioning.inference import load_model
+from captioning.inference import load_model, resolve_device
 from captioning.transforms import centre_square
 from captioning.viz import caption_figure
 
@@ -77,9 +77,7 @@ def caption(cfg: DictConfig) -> list[dict]:
     if not paths:
         raise UserError(f"none of the {len(names)} names given is an image to caption (see above)")
     found = locate_checkpoint(cfg.ckpt_path)
-    device = (
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = resolve_device(cfg.device)
     cm = load_model(found.path, device=device)
     pp = cm.preprocess
     run_dir = Path(cfg.paths.output_dir)

@@ -9,13 +9,12 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import run_safely
 from captioning.decoding import DecodeConfig
 from captioning.evaluation import caption_dataset, caption_stats, summary, write_report
-from captioning.inference import load_model
+from captioning.inference import load_model, resolve_device
 from captioning.meteor import require_meteor
 from captioning.metrics import score_corpus
 from captioning.training.datamodule import CaptionDataModule
@@ -27,9 +26,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     # before the model is loaded and the split captioned: demanded METEOR must be able to run
     meteor = require_meteor(cfg.decode.get("meteor"), "decode.meteor")
-    device = (
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = resolve_device(cfg.device)
     ckpt = cfg.ckpt_path
     ckpt = [str(p) for p in ckpt] if OmegaConf.is_list(ckpt) else str(ckpt)  # a list: an ensemble
     cm = load_model(ckpt, device=device)

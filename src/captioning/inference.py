@@ -23,6 +23,13 @@ from .viz import square_grid
 from .vocab import Vocab
 
 
+def resolve_device(device: str | torch.device) -> str | torch.device:
+    """`auto`: the GPU when there is one, else the CPU; any other name as it is."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 @dataclass
 class CaptionModel:
     """A loaded model with everything needed to caption an image."""
