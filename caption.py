@@ -22,10 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from captioning.checkpoint import describe_data, locate_checkpoint
 from captioning.cli import paths_as_override, run_safely
 from captioning.data.images import ImageDecodeError, load_rgb
+from captioning.decoding import DecodeConfig
 from captioning.errors import UserError
-from captioning.inference import load_model
-from captioning.transforms import centre_square, model_view
-from captioning.viz import attention_figure
+from captioning.inference import load_model, resolve_device
+from captioning.transforms import centre_square
+from captioning.viz import caption_figure
 
 log = logging.getLogger("caption")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -76,9 +77,7 @@ def caption(cfg: DictConfig) -> list[dict]:
     if not paths:
         raise UserError(f"none of the {len(names)} names given is an image to caption (see above)")
     found = locate_checkpoint(cfg.ckpt_path)
-    device = (
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = resolve_device(cfg.device)
     cm = load_model(found.path, device=device)
     pp = cm.preprocess
     run_dir = Path(cfg.paths.output_dir)
@@ -107,12 +106,7 @@ def caption(cfg: DictConfig) -> list[dict]:
             [centre_square(im, cm.preprocess) for _, im in batch]
         )  # (B, 3, S, S)
         with torch.inference_mode():
-            beams = cm.caption_tensor(
-                x,
-                beam_size=int(d.beam_size),
-                max_len=d.max_len,
-                length_penalty=float(d.length_penalty),
-            )
+            beams = cm.caption_tensor(x, DecodeConfig.from_dict(d))
         for (path, image), hyps in zip(batch, beams, strict=True):
             results.append(_report(cm, path, image, hyps, cfg, run_dir, used_names))
     if results:  # nothing captioned: no captions.json that looks like a result
@@ -143,9 +137,9 @@ def _report(
             k += 1
             name = f"{path.stem}_{k}_attention.png"
         used_names.add(name)
-        seen = model_view(image, cm.preprocess)
-        words = [cm.vocab.itos[t] for t in best.tokens]
-        attention_figure(seen, words, best.alphas, cm.grid).save(run_dir / name)
+        caption_figure(image, best.tokens, best.alphas, cm.vocab.itos, cm.preprocess).save(
+            run_dir / name
+        )
         figure = str(run_dir / name)
         print(f"  attention: {figure}")
     elif cfg.figures:

@@ -9,15 +9,15 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import run_safely
-from captioning.datamodule import CaptionDataModule
+from captioning.decoding import DecodeConfig
 from captioning.evaluation import caption_dataset, caption_stats, summary, write_report
-from captioning.inference import load_model
+from captioning.inference import load_model, resolve_device
 from captioning.meteor import require_meteor
 from captioning.metrics import score_corpus
+from captioning.training.datamodule import CaptionDataModule
 
 log = logging.getLogger("evaluate")
 
@@ -26,9 +26,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     # before the model is loaded and the split captioned: demanded METEOR must be able to run
     meteor = require_meteor(cfg.decode.get("meteor"), "decode.meteor")
-    device = (
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = resolve_device(cfg.device)
     ckpt = cfg.ckpt_path
     ckpt = [str(p) for p in ckpt] if OmegaConf.is_list(ckpt) else str(ckpt)  # a list: an ensemble
     cm = load_model(ckpt, device=device)
@@ -47,10 +45,7 @@ def evaluate(cfg: DictConfig) -> dict:
         cm,
         dataset,
         batch_size=batch_size,
-        beam_size=d.beam_size,
-        max_len=d.max_len,
-        length_penalty=d.length_penalty,
-        allow_unk=bool(d.get("allow_unk", False)),
+        decode=DecodeConfig.from_dict(d),
     )
     scores = score_corpus(preds, refs, meteor=meteor, per_image=True)
     per_image = scores.pop("per_image")

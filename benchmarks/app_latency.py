@@ -136,7 +136,7 @@ def main() -> None:
     p.add_argument("--overlays", action="store_true", help="also render PNG overlays per word")
     args = p.parse_args()
 
-    from captioning.inference import read_checkpoint
+    from captioning.checkpoint import read_checkpoint
 
     meta = read_checkpoint(args.ckpt)["captioning"]
     data, source = photo_jpeg()

@@ -39,8 +39,8 @@ def module_and_data(cfg, cache: Path):
     """The LightningModule and DataModule that train.py builds from `cfg` (untrained)."""
     from omegaconf import OmegaConf
 
-    from captioning.datamodule import CaptionDataModule
-    from captioning.lit_module import CaptioningModule
+    from captioning.training.datamodule import CaptionDataModule
+    from captioning.training.lit_module import CaptioningModule
 
     part = {
         k: OmegaConf.to_container(cfg[k], resolve=True)

@@ -197,3 +197,25 @@ def test_caption_py_imports_no_app():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_caption_py_captions_without_importing_the_app(tiny_ckpt, tmp_path):
+    image = tmp_path / "scene.png"
+    image.write_bytes(encode(scene((96, 96)), "PNG"))
+    argv = [
+        "caption.py",
+        f"ckpt_path={tiny_ckpt}",
+        f"images=[{image}]",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    code = (
+        f"import atexit, sys, runpy; sys.argv = {argv!r}\n"
+        "atexit.register(lambda: print([m for m in sys.modules if m.startswith('captioning.app')]))\n"
+        "runpy.run_path('caption.py', run_name='__main__')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert str(image) in out.stdout  # it did caption the image
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -20,9 +20,11 @@ from conftest import ROOT, compose_cfg
 
 sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
+from captioning.checkpoint import read_checkpoint  # noqa: E402
 from captioning.cli import run_safely  # noqa: E402
 from captioning.errors import CheckpointError  # noqa: E402
-from captioning.inference import load_model, read_checkpoint  # noqa: E402
+from captioning.inference import load_model  # noqa: E402
+from captioning.training import setup as train_setup  # noqa: E402
 
 SMALL = [
     "debug=tiny",
@@ -231,7 +233,7 @@ def test_lightning_resume_path_refuses_code_even_without_our_check(
 ):
     """Defence in depth: with our own read skipped, trainer.fit(ckpt_path=...) still refuses."""
     path, _ = write_bad("malicious", tmp_path, trained)
-    monkeypatch.setattr(train_script, "read_checkpoint", lambda p: None)
+    monkeypatch.setattr(train_setup, "read_checkpoint", lambda p: None)
     with pytest.raises(pickle.UnpicklingError):
         train_script.train(tiny(tmp_path / "run", data_cache, f"ckpt_path={path}"))
     assert not (tmp_path / "pwned").exists()

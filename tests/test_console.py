@@ -6,8 +6,8 @@ import warnings
 
 from lightning.pytorch.callbacks import RichProgressBar
 
-from captioning.callbacks import LineProgress, progress_bar
 from captioning.cli import instantiate_all
+from captioning.training.callbacks import LineProgress, progress_bar
 from conftest import ROOT, compose_cfg
 
 sys.path.insert(0, str(ROOT))

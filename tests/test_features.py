@@ -5,9 +5,9 @@ import json
 import numpy as np
 import torch
 
-from captioning.datamodule import CaptionDataModule
 from captioning.encoders import build_encoder
 from captioning.features import cache_dir_for, cache_key
+from captioning.training.datamodule import CaptionDataModule
 
 DATA = {
     "name": "synthetic",
@@ -38,8 +38,8 @@ def test_cached_features_equal_the_encoder_output(tmp_path):
     assert ds.features.dtype == np.float16
     torch.testing.assert_close(cached, direct, rtol=1e-3, atol=1e-3)  # fp16 storage
     batch = next(iter(dm.train_dataloader()))
-    assert "feats" in batch and "images" not in batch
-    assert batch["feats"].shape == (8, direct.shape[1], direct.shape[2])
+    assert batch.feats is not None and batch.images is None
+    assert batch.feats.shape == (8, direct.shape[1], direct.shape[2])
 
 
 def test_cache_reused_and_keyed(tmp_path):

@@ -25,12 +25,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioning.datamodule import CaptionDataModule
 from captioning.decoders import build_decoder
 from captioning.decoding import generate
 from captioning.encoders import build_encoder
 from captioning.inference import load_model
-from captioning.lit_module import CaptioningModule
+from captioning.training.datamodule import CaptionDataModule
+from captioning.training.lit_module import CaptioningModule
 from captioning.vocab import Vocab
 from conftest import ROOT, compose_cfg, path_without_java
 

@@ -16,7 +16,8 @@ from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import OmegaConf
 
-from captioning import callbacks as cb
+from captioning.training import wandb_log as cb
+from captioning.training.callbacks import RunInfo
 from conftest import CONF, ROOT, compose_cfg, module_and_data
 
 TINY_DATA = ["data.args.num_train=32", "data.args.num_val=16", "data.args.num_test=16"]
@@ -111,7 +112,7 @@ def test_run_info_tracks_the_best_epoch_and_the_outcome(tmp_path):
         loggers=[],
     )
     module = torch.nn.Linear(3, 2)
-    info = cb.RunInfo()
+    info = RunInfo()
     info.on_fit_start(trainer, module)
     assert json.loads((tmp_path / "run_info.json").read_text())["status"] == "running"
     for epoch, score in enumerate([0.1, 0.3, 0.3, float("nan"), 0.2]):
@@ -124,7 +125,7 @@ def test_run_info_tracks_the_best_epoch_and_the_outcome(tmp_path):
     assert out["best_epoch"] == 1 and out["best_score"] == pytest.approx(0.3)
     assert out["train_time_s"] >= 0 and out["monitor"] == "val/bleu4"
 
-    resumed = cb.RunInfo(path=str(tmp_path / "resumed.json"))  # state travels in checkpoints
+    resumed = RunInfo(path=str(tmp_path / "resumed.json"))  # state travels in checkpoints
     resumed.load_state_dict({**info.state_dict(), "train_time_s": 100.0})
     resumed.on_exception(trainer, module, RuntimeError("out of memory"))
     out = json.loads((tmp_path / "resumed.json").read_text())
@@ -168,7 +169,7 @@ def test_wandb_without_an_account_goes_offline_and_says_so(tmp_path, monkeypatch
     no_wandb_account(monkeypatch, tmp_path)
     assert not cb.wandb_api_key_found()
     cfg = compose_cfg("train", ["logger=wandb"], out=tmp_path / "run", cache=tmp_path)
-    with caplog.at_level("WARNING", logger="captioning.callbacks"):
+    with caplog.at_level("WARNING", logger="captioning.training.wandb_log"):
         trainer, _ = instantiate_all(cfg)
     csv_logger, wandb_logger = trainer.loggers
     assert isinstance(csv_logger, CSVLogger) and wandb_logger._offline
@@ -191,7 +192,7 @@ def test_wandb_with_a_key_or_a_mode_is_left_as_configured(tmp_path, monkeypatch,
     assert not cb.wandb_logger(project="p", save_dir=str(tmp_path))._offline
     monkeypatch.delenv("WANDB_API_KEY")
     monkeypatch.setenv("WANDB_MODE", "offline")  # W&B's own switch: nothing to say
-    with caplog.at_level("WARNING", logger="captioning.callbacks"):
+    with caplog.at_level("WARNING", logger="captioning.training.wandb_log"):
         cb.wandb_logger(project="p", save_dir=str(tmp_path))
     assert not [r for r in caplog.records if "W&B" in r.getMessage()]
 

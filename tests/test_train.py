@@ -78,9 +78,9 @@ def test_fast_dev_run_trains(tmp_path, data_cache):
 
 
 def test_checkpoint_reloads_to_identical_captions(tmp_path, data_cache):
-    from captioning.datamodule import CaptionDataModule
     from captioning.decoding import generate
     from captioning.inference import load_model
+    from captioning.training.datamodule import CaptionDataModule
 
     cfg = tiny(tmp_path, data_cache, "trainer.max_epochs=1", "test=false")
     train_script.train(cfg)
@@ -128,7 +128,7 @@ def test_only_a_frozen_trunk_in_eval_mode_goes_unreported(tmp_path, data_cache, 
     import re
     import warnings
 
-    from captioning import lit_module
+    from captioning.training import lit_module
 
     def eval_mode_warnings(out: Path) -> list:
         cfg = tiny(out, data_cache, "trainer.fast_dev_run=true", "encoder.fine_tune=none")
@@ -176,8 +176,8 @@ def test_label_smoothing_changes_the_objective_not_the_logged_nll(data_cache):
     (plain, ce0), (smoothed, ce1) = losses[0.0], losses[0.2]
     torch.testing.assert_close(ce0, ce1)  # the logged NLL ignores smoothing
 
-    captions = batch["captions"]
-    logits, _ = module.model.decoder(module.features(batch), captions[:, :-1])
+    captions = batch.captions
+    logits, _ = module.model(module.model.features(batch), captions[:, :-1])
     targets = captions[:, 1:].flatten()
     pad = module.vocab.pad_id
     flat = logits.detach().flatten(0, 1)
@@ -194,7 +194,7 @@ def test_label_smoothing_changes_the_objective_not_the_logged_nll(data_cache):
 
 def test_weight_ema_is_what_checkpoints_hold_and_the_test_scores(tmp_path, data_cache, monkeypatch):
     """callbacks.ema: checkpoints' state_dict is the average, and the test after fit scores it."""
-    from captioning.lit_module import CaptioningModule
+    from captioning.training.lit_module import CaptioningModule
 
     seen = {}
 
@@ -216,14 +216,14 @@ def test_weight_ema_is_what_checkpoints_hold_and_the_test_scores(tmp_path, data_
 
 
 def test_weight_ema_rejects_a_decay_outside_0_1():
-    from captioning.callbacks import WeightEMA
+    from captioning.training.callbacks import WeightEMA
 
     with pytest.raises(ValueError, match="decay"):
         WeightEMA(decay=1.0)
 
 
 def test_weight_ema_decay_warms_up():
-    from captioning.callbacks import ema_update
+    from captioning.training.callbacks import ema_update
 
     avg, cur = torch.zeros(3), torch.ones(3)
     for n, d in [(1, 2 / 11), (10, 11 / 20), (20000, 0.999)]:

@@ -157,7 +157,7 @@ def instantiate_all(cfg: Any):
     quiet_known_noise()
     extra = {}
     if not trainer_cfg.get("plugins"):
-        from .reliability import AtomicCheckpointIO
+        from .training.checkpointing import AtomicCheckpointIO
 
         extra["plugins"] = [AtomicCheckpointIO()]  # a kill mid-save keeps the old checkpoint
     try:

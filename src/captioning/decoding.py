@@ -3,7 +3,9 @@
 Letters: B images, K beams, V vocabulary, N regions, L generated length.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,6 +21,27 @@ class Hypothesis:
     score: float  # log-probability divided by length**length_penalty (what beams are ranked by)
     logprob: float  # summed log-probability, <end> included
     alphas: Tensor | None  # (L, N) attention over regions for each generated word
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How captions are generated: the `decode`, `val_decode` and `test_decode` config blocks."""
+
+    beam_size: int = 1  # 1: greedy
+    max_len: int | None = None  # None: the vocabulary's longest caption
+    length_penalty: float = 1.0  # beams ranked by log-probability / length**length_penalty
+    allow_unk: bool = False  # never generate <unk> unless allowed
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> "DecodeConfig":
+        """From a config block; its other keys (`meteor`) are not about decoding."""
+        cfg = cfg or {}
+        return cls(
+            beam_size=int(cfg.get("beam_size", 1)),
+            max_len=int(cfg["max_len"]) if cfg.get("max_len") else None,
+            length_penalty=float(cfg.get("length_penalty", 1.0)),
+            allow_unk=bool(cfg.get("allow_unk", False)),
+        )
 
 
 def _ban(logp: Tensor, banned: tuple[int, ...]) -> Tensor:

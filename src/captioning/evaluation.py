@@ -10,10 +10,9 @@ from torch.utils.data import DataLoader
 
 from .data.dataset import CaptionDataset, collate
 from .data.images import load_rgb
-from .decoding import Hypothesis
+from .decoding import DecodeConfig, Hypothesis
 from .inference import CaptionModel
-from .transforms import model_view
-from .viz import attention_figure
+from .viz import caption_figure
 
 
 @torch.no_grad()
@@ -22,10 +21,7 @@ def caption_dataset(
     dataset: CaptionDataset,
     *,
     batch_size: int = 100,
-    beam_size: int = 3,
-    max_len: int | None = None,
-    length_penalty: float = 1.0,
-    allow_unk: bool = False,
+    decode: DecodeConfig = DecodeConfig(beam_size=3),
     num_workers: int = 0,
 ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, Hypothesis]]:
     """Best caption, references and best hypothesis (with attention) for every image."""
@@ -34,14 +30,8 @@ def caption_dataset(
     )
     preds, refs, hyps = {}, {}, {}
     for batch in loader:
-        beams = cm.caption_tensor(
-            batch["images"].to(cm.device),
-            beam_size=beam_size,
-            max_len=max_len,
-            length_penalty=length_penalty,
-            allow_unk=allow_unk,
-        )
-        for image_id, image_refs, b in zip(batch["image_ids"], batch["refs"], beams, strict=True):
+        beams = cm.caption_tensor(batch.images.to(cm.device), decode)
+        for image_id, image_refs, b in zip(batch.image_ids, batch.refs, beams, strict=True):
             preds[image_id] = cm.text(b[0])
             refs[image_id] = image_refs
             hyps[image_id] = b[0]
@@ -160,10 +150,9 @@ def write_report(
         for image_id in ids:
             hyp = hyps[image_id]
             image = load_rgb(dataset.ds[row_of[image_id]]["image"])
-            words = [cm.vocab.itos[t] for t in hyp.tokens]
             name = f"{len(list(fig_dir.iterdir())):03d}.png"
-            seen = model_view(image, cm.preprocess)  # the pixels the attention refers to
-            attention_figure(seen, words, hyp.alphas, cm.grid).save(fig_dir / name)
+            figure = caption_figure(image, hyp.tokens, hyp.alphas, cm.vocab.itos, cm.preprocess)
+            figure.save(fig_dir / name)
             s = per_image[image_id]
             lines += [
                 f"### {image_id}",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..checkpoint import newest_checkpoint, resolve_checkpoint
 from ..errors import CheckpointError, UserError
+from ..inference import resolve_device
 from .service import APP_THREADS, Limits
 
 
@@ -78,15 +79,12 @@ def find_or_train(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        import torch
         import uvicorn
 
         from .server import create_app
 
         ckpt = find_or_train(args)
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(args.device)
         limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_beam=args.max_beam)
         print(f"loading {ckpt} on {device}", flush=True)
         app = create_app(ckpt, device=device, threads=args.threads, limits=limits)

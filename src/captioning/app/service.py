@@ -29,7 +29,7 @@ from ..data.images import ImageDecodeError, load_rgb
 from ..errors import UserError
 from ..inference import CaptionModel, load_model
 from ..transforms import centre_square, model_box
-from ..viz import _heat  # the colour ramp of the paper-style figures, shared with the page
+from ..viz import heat_colours  # the paper-style figures' colour ramp, shared with the page
 
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
 APP_THREADS = 1  # see the module docstring
@@ -53,7 +53,7 @@ def heat_png(alpha: np.ndarray, grid: int, size: int = 64) -> str:
         (size, size), Image.Resampling.BICUBIC
     )
     up = up.filter(ImageFilter.GaussianBlur(size / grid / 3))
-    rgba = np.dstack([_heat(np.asarray(up, dtype=np.float32) / 255.0), np.asarray(up)])
+    rgba = np.dstack([heat_colours(np.asarray(up, dtype=np.float32) / 255.0), np.asarray(up)])
     buf = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buf, "PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

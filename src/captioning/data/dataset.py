@@ -6,7 +6,7 @@ Pure PyTorch, no Lightning: the DataModule serves them for training, evaluation 
 import hashlib
 import json
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -129,22 +129,33 @@ def drop_empty_captions(refs: list[list[str]], name: str = "") -> tuple[list[lis
     return kept, captions, images
 
 
-def collate(samples: list[dict[str, Any]], pad_id: int = Vocab.pad_id) -> dict[str, Any]:
+class Batch(NamedTuple):
+    """A batch of `collate`: cached features or images, padded captions, and, from evaluation
+    datasets (and the self-critical stage), the image ids with their references.
+
+    A NamedTuple, so the DataLoader pins it and Lightning moves it to the device as it is.
+    """
+
+    captions: Tensor  # (B, L): <start> w1 .. wn <end> <pad>..
+    feats: Tensor | None = None  # (B, N, D) cached region features
+    images: Tensor | None = None  # (B, 3, S, S) when there are no cached features
+    image_ids: list[str] | None = None
+    refs: list[list[str]] | None = None
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int = Vocab.pad_id) -> Batch:
     """Stack images (or cached features), pad captions to the longest in the batch.
 
     Padding is masked in the loss, not sorted away.
     """
-    batch: dict[str, Any] = {}
-    if "feats" in samples[0]:
-        batch["feats"] = torch.stack([s["feats"] for s in samples])  # (B, N, D)
-    else:
-        batch["images"] = torch.stack([s["image"] for s in samples])  # (B, 3, S, S)
-    batch |= {
-        "captions": pad_sequence(
+    cached = "feats" in samples[0]
+    labelled = "image_id" in samples[0]
+    return Batch(
+        captions=pad_sequence(
             [s["caption"] for s in samples], batch_first=True, padding_value=pad_id
         ),  # (B, L)
-    }
-    if "image_id" in samples[0]:
-        batch["image_ids"] = [s["image_id"] for s in samples]
-        batch["refs"] = [s["refs"] for s in samples]
-    return batch
+        feats=torch.stack([s["feats"] for s in samples]) if cached else None,  # (B, N, D)
+        images=None if cached else torch.stack([s["image"] for s in samples]),  # (B, 3, S, S)
+        image_ids=[s["image_id"] for s in samples] if labelled else None,
+        refs=[s["refs"] for s in samples] if labelled else None,
+    )

@@ -9,12 +9,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .data import load_splits
-from .data.dataset import CaptionDataset, collate
-from .encoders import Encoder, Preprocess
-from .errors import ConfigError
-from .features import cache_dir_for, cache_key, compute_features, load_features
-from .vocab import Vocab
+from ..data import load_splits
+from ..data.dataset import CaptionDataset, collate
+from ..encoders import Encoder, Preprocess
+from ..errors import ConfigError
+from ..features import cache_dir_for, cache_key, compute_features, load_features
+from ..vocab import Vocab
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -168,7 +168,7 @@ class CaptionDataModule(L.LightningDataModule):
 
 def _seed_worker(worker_id: int) -> None:
     # SLURM's scancel and a terminal's Ctrl-C signal the whole process group: a worker killed
-    # by it would crash the main process before it can save (captioning/reliability.py). The
+    # by it would crash the main process before it can save (captioning/training/guards.py). The
     # main process handles the signal and shuts its workers down; a worker whose main process
     # died anyway exits on its own (PyTorch's worker loop watches its parent).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
