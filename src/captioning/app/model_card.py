@@ -50,7 +50,7 @@ def run_dir(ckpt_path: Path) -> Path:
     return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
 
 
-def test_scores(ckpt_path: str | Path) -> dict[str, Any] | None:
+def read_test_scores(ckpt_path: str | Path) -> dict[str, Any] | None:
     """The test scores of the checkpoint's run, and whether this very checkpoint got them."""
     ckpt_path = Path(ckpt_path)
     run = run_dir(ckpt_path)
@@ -87,7 +87,7 @@ def model_card(meta: dict[str, Any], ckpt_path: str | Path) -> dict[str, Any]:
     return {
         "trained_on": trained_on(data),
         "real_photos": bool(name) and name != "synthetic",
-        "test_scores": test_scores(ckpt_path),
+        "test_scores": read_test_scores(ckpt_path),
         "notice": SYNTHETIC_NOTICE if name == "synthetic" else None,
     }
 
