@@ -20,7 +20,7 @@ DATA_NAMES = {"flickr8k": "Flickr8k", "flickr30k": "Flickr30k", "coco": "MS-COCO
 SYNTHETIC_NOTICE = (
     "This model was trained on synthetic scenes of coloured shapes, so it describes every "
     "image, photos included, as shapes. To caption photos, train the Flickr8k model "
-    "(`python train.py experiment=flickr8k`: about 35 minutes on a CPU, with the Flickr8k "
+    "(`python train.py experiment=flickr8k`: about an hour on a CPU, with the Flickr8k "
     "images in ../shared/data/flickr8k or FLICKR8K_ROOT) and serve it with "
     "`make app CKPT=outputs/train/runs/<run>/checkpoints/last.ckpt`; a plain `make app` picks "
     "the best photo-trained checkpoint under outputs/ by itself."

@@ -2,7 +2,7 @@
 
     create_app(ckpt_path)  ->  FastAPI app (the model loads once, here)
     POST /api/caption      multipart field "file" (or the raw image as the body) -> caption JSON
-    GET  /api/health, /api/model, /openapi.json, /docs, /redoc, /  (the page)
+    GET  /api/health, /api/model, /openapi.json, /docs (/redoc leads there), /  (the page)
 
 The upload limit is enforced while the body streams in, so a 5 GB upload costs at most the limit
 in memory; every bad input is a 4xx JSON `{"detail": "..."}`, never a 5xx.
@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
@@ -230,9 +230,11 @@ def create_app(
         if service is None:  # a service handed in belongs to the caller
             svc.close()
 
-    # Swagger UI and ReDoc from the files fastapi-offline installs, not a CDN: /docs works offline.
+    # Swagger UI from the files fastapi-offline installs, not a CDN: /docs works offline. ReDoc
+    # is left out: its page loads a logo from the vendor's CDN whatever the options say.
     app = FastAPIOffline(
         title="Show, Attend and Tell",
+        redoc_url=None,
         # No "validate this spec" badge: it would send the spec to an outside service.
         swagger_ui_parameters={"validatorUrl": None},
         lifespan=lifespan,
@@ -292,6 +294,10 @@ def create_app(
             raise ClientError(422, str(e)) from None
         # Already plain JSON types: skip re-validating ~1,500 attention floats per request.
         return JSONResponse(result)
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> RedirectResponse:
+        return RedirectResponse("/docs")
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
