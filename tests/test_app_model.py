@@ -3,6 +3,7 @@ picks by itself, and dynamic batching (a batched request gets the caption it get
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -188,20 +189,29 @@ def test_batching_off_runs_each_request_alone(tiny_ckpt):
     assert [g["batch_size"] for g in got] == [1, 1, 1, 1]
 
 
-def test_batcher_limits_and_errors():
+def test_batcher_waits_only_for_requests_on_their_way():
     seen: list[int] = []
 
     def run(jobs):
         seen.append(len(jobs))
         if any(j.beam_size == 99 for j in jobs):
             raise RuntimeError("the model failed")
-        return [j.feats.item() * 2 for j in jobs]
+        return [j.images.item() * 2 for j in jobs]
 
-    batcher = Batcher(run, wait_s=0.3, max_batch=3)
+    batcher = Batcher(run, wait_s=5.0, max_batch=3)
     try:
-        jobs = [batcher.submit(torch.tensor(float(i)), 2) for i in range(5)]
+        t0 = time.perf_counter()
+        assert batcher.submit(torch.tensor(1.0), 2).future.result(timeout=10) == 2
+        assert time.perf_counter() - t0 < 2.5  # nobody else was coming: no 5 s window
+        with contextlib.ExitStack() as stack:
+            for _ in range(5):  # five requests announce themselves, then submit one by one
+                stack.enter_context(batcher.expecting())
+            jobs = []
+            for i in range(5):
+                jobs.append(batcher.submit(torch.tensor(float(i)), 2))
+                time.sleep(0.05)  # the batch waits for them, not for the window's end
         assert [j.future.result(timeout=10) for j in jobs] == [0, 2, 4, 6, 8]
-        assert seen == [3, 2]  # at most max_batch per batch
+        assert seen == [1, 3, 2]  # at most max_batch per batch
         failing = [batcher.submit(torch.tensor(1.0), 99) for _ in range(2)]
         for job in failing:  # every request of the failed batch hears why
             with pytest.raises(RuntimeError, match="the model failed"):

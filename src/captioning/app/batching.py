@@ -1,11 +1,12 @@
-"""Dynamic batching: requests that arrive together are decoded together.
+"""Dynamic batching: requests that arrive together are beam-searched together.
 
-Beam search over a batch reads the decoder's weights once per step for every image in it, so
-16 images cost far less than 16 searches one after another (benchmarks/beam_search.py). The
-server's requests each hold one image, so a `Batcher` gathers them: the first request to come
-opens a window of `wait_s`; whatever arrives in it (and whatever queued while the model was busy)
-is decoded as one batch, up to `max_batch` images. With one client the window costs its length
-in latency and nothing else.
+Beam search over a batch reads the decoder's weights once per step for all its images, so 16
+images cost far less than 16 searches one after another (benchmarks/beam_search.py). Each
+server request holds one image, so a `Batcher` gathers them on one thread: the first job to
+arrive waits up to `wait_s` for company, but only while other requests are still on their way
+(decoding their image, announced with `expecting()`); then everything queued, up
+to `max_batch` jobs, is searched as one batch. A lone client therefore never waits, and jobs
+that queue while the model is busy join the next batch at once.
 
 Each image's beams depend on that image alone (`decoding.beam_search`), so a request gets the
 caption it would get alone; only float rounding in the batched matmuls differs (~1e-8).
@@ -13,10 +14,11 @@ caption it would get alone; only float rounding in the batched matmuls differs (
 
 from __future__ import annotations
 
-import queue
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,18 +28,16 @@ from torch import Tensor
 
 @dataclass
 class Job:
-    """One image's features, waiting for a batch; `future` gets its beams."""
+    """One image, waiting for a batch; `future` gets its beams."""
 
-    feats: Tensor  # (1, N, D)
+    images: Tensor  # (1, 3, S, S)
     beam_size: int
     future: Future = field(default_factory=Future)
-    queued: float = field(default_factory=time.perf_counter)
-    started: float = 0.0  # when its batch began decoding
-    batch_size: int = 0  # images decoded in that batch
+    batch_size: int = 0  # images searched together with this one, itself included
 
 
 class Batcher:
-    """A thread that runs `run(jobs)` on batches of jobs gathered from many request threads.
+    """A thread that runs `run(jobs)` on batches of jobs submitted by many request threads.
 
     `run` receives jobs of one beam size and returns one result per job, in order.
     """
@@ -52,52 +52,66 @@ class Batcher:
         if wait_s <= 0 or max_batch < 1:
             raise ValueError("a Batcher needs wait_s > 0 and max_batch >= 1")
         self.run, self.wait_s, self.max_batch = run, wait_s, max_batch
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._cv = threading.Condition()
+        self._jobs: deque[Job] = deque()
+        self._coming = 0  # requests preparing a job (decoding, encoding)
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, feats: Tensor, beam_size: int) -> Job:
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Around a request's preparation (decoding): a batch about to start waits for it."""
+        with self._cv:
+            self._coming += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._coming -= 1
+                self._cv.notify_all()
+
+    def submit(self, images: Tensor, beam_size: int) -> Job:
         """Queue one image; `job.future.result()` waits for its beams."""
-        if not self._thread.is_alive():
-            raise RuntimeError("the batcher has been closed")
-        job = Job(feats, beam_size)
-        self._queue.put(job)
+        job = Job(images, beam_size)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the batcher has been closed")
+            self._jobs.append(job)
+            self._cv.notify_all()
         return job
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
 
-    def _gather(self, first: Job) -> tuple[list[Job], bool]:
-        """`first` plus what arrives within the window (queued jobs join without waiting)."""
-        jobs, deadline = [first], time.perf_counter() + self.wait_s
-        while len(jobs) < self.max_batch:
-            left = deadline - time.perf_counter()
-            try:
-                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                return jobs, True
-            jobs.append(job)
-        return jobs, False
+    def _next_batch(self) -> list[Job] | None:
+        """The next batch, once the window has passed or no other request is on its way."""
+        with self._cv:
+            while not self._jobs and not self._closed:
+                self._cv.wait()
+            if not self._jobs:
+                return None  # closed, and nothing left to do
+            deadline = time.perf_counter() + self.wait_s
+            while len(self._jobs) < self.max_batch and self._coming > 0 and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            n = min(len(self._jobs), self.max_batch)
+            return [self._jobs.popleft() for _ in range(n)]
 
     def _loop(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            jobs, stop = self._gather(first)
+        while (jobs := self._next_batch()) is not None:
             by_beam: dict[int, list[Job]] = {}
             for job in jobs:  # one beam size per search; mixed sizes run one after another
                 by_beam.setdefault(job.beam_size, []).append(job)
             for group in by_beam.values():
-                started = time.perf_counter()
                 for job in group:
-                    job.started, job.batch_size = started, len(group)
+                    job.batch_size = len(group)
                 try:
                     results = self.run(group)
                 except Exception as e:  # every waiting request hears of it, not just one
