@@ -238,7 +238,7 @@ def main() -> None:
         "--mode", choices=["testclient", "uvicorn", "both", "concurrency"], default="both"
     )
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--batch-wait-ms", type=float, nargs="+", default=[0.0, 5.0])
+    p.add_argument("--batch-wait-ms", type=float, nargs="+", default=[0.0, 50.0])
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--seconds", type=float, default=30.0, help="per measurement")
     p.add_argument("--rounds", type=int, default=2)

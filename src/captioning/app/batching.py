@@ -4,7 +4,8 @@ Beam search over a batch reads the decoder's weights once per step for all its i
 images cost far less than 16 searches one after another (benchmarks/beam_search.py). Each
 server request holds one image, so a `Batcher` gathers them on one thread: the first job to
 arrive waits up to `wait_s` for company, but only while other requests are still on their way
-(decoding their image, announced with `expecting()`); then everything queued, up
+(announced with `expect()` when they reach the server, before their upload is read, and until
+they submit their image); then everything queued, up
 to `max_batch` jobs, is searched as one batch. A lone client therefore never waits, and jobs
 that queue while the model is busy join the next batch at once.
 
@@ -59,17 +60,33 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    @contextlib.contextmanager
-    def expecting(self) -> Iterator[None]:
-        """Around a request's preparation (decoding): a batch about to start waits for it."""
+    def expect(self) -> Callable[[], None]:
+        """Announce a request that will submit a job soon: a batch about to start waits for it.
+
+        Returns the function to call once it has submitted (or given up); calls after the
+        first do nothing.
+        """
         with self._cv:
             self._coming += 1
+        done = threading.Event()
+
+        def arrived() -> None:
+            with self._cv:
+                if not done.is_set():
+                    done.set()
+                    self._coming -= 1
+                    self._cv.notify_all()
+
+        return arrived
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """`expect()` as a context: announced inside it."""
+        arrived = self.expect()
         try:
             yield
         finally:
-            with self._cv:
-                self._coming -= 1
-                self._cv.notify_all()
+            arrived()
 
     def submit(self, images: Tensor, beam_size: int) -> Job:
         """Queue one image; `job.future.result()` waits for its beams."""

@@ -283,15 +283,18 @@ def create_app(
         overlays: bool = Query(False, description="also return PNG heat maps per word"),
     ) -> JSONResponse:
         """Caption one image: the beams best first, each word's attention over the image grid."""
-        data, name, fields = await parse_upload(request, limits)
-        if beam_size is None:
-            beam_size = _int_field(fields.get("beam_size"), 3, limits.max_beam)
+        arrived = svc.announce()  # a batch starting now waits for this upload
         try:
-            result = await run_in_threadpool(svc.caption, data, name, beam_size, overlays)
+            data, name, fields = await parse_upload(request, limits)
+            if beam_size is None:
+                beam_size = _int_field(fields.get("beam_size"), 3, limits.max_beam)
+            result = await run_in_threadpool(svc.caption, data, name, beam_size, overlays, arrived)
         except ImageDecodeError as e:
             raise ClientError(400, f"not a usable image: {e.reason}") from None
         except UserError as e:
             raise ClientError(422, str(e)) from None
+        finally:
+            arrived()
         # Already plain JSON types: skip re-validating ~1,500 attention floats per request.
         return JSONResponse(result)
 

@@ -15,10 +15,10 @@ alternating request by request in one process.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from .model_card import model_card
 
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
 APP_THREADS = 1  # see the module docstring
-BATCH_WAIT_MS = 5.0  # how long the first of a batch waits for company; 0: no batching
+BATCH_WAIT_MS = 50.0  # longest a batch waits for requests still on their way; 0: no batching
 MAX_BATCH = 16
 CPU_ENCODE_CHUNK = 2  # images per encoder call in a batch on a CPU (see `CaptionService._search`)
 
@@ -140,6 +140,10 @@ def jpeg_damage(data: bytes) -> str | None:
     if message.startswith(_DAMAGE) and "ICC" not in message:
         return message
     return None
+
+
+def _nothing() -> None:
+    pass
 
 
 class CaptionService:
@@ -261,15 +265,18 @@ class CaptionService:
             self.requests += len(jobs)
         return beams
 
-    def _preparing(self) -> contextlib.AbstractContextManager:
-        """Around decoding: a batch about to start waits for this request."""
-        return self.batcher.expecting() if self.batcher else contextlib.nullcontext()
+    def announce(self) -> Callable[[], None]:
+        """A request has come (its upload may still be on its way): a batch about to start waits
+        for it. Returns the function that says it has submitted its image or given up."""
+        return self.batcher.expect() if self.batcher else _nothing
 
     def _prepare(self, image: Image.Image) -> Tensor:
         """The model's input (1, 3, S, S)."""
         return self.cm.images_to_tensor([centre_square(image, self.cm.preprocess)])
 
-    def _run(self, prepared: Tensor, beam_size: int) -> tuple[list[Hypothesis], int]:
+    def _run(
+        self, prepared: Tensor, beam_size: int, arrived: Callable[[], None] = _nothing
+    ) -> tuple[list[Hypothesis], int]:
         """(beams best first, images in the batch they were searched in)."""
         if self.batcher is None:
             with self._lock, torch.inference_mode():
@@ -277,16 +284,26 @@ class CaptionService:
                     self.requests += 1
                 return self.cm.caption_tensor(prepared, beam_size=beam_size)[0], 1
         job = self.batcher.submit(prepared, beam_size)
+        arrived()
         return job.future.result(), job.batch_size
 
     def caption(
-        self, data: bytes, filename: str = "upload", beam_size: int = 3, overlays: bool = False
+        self,
+        data: bytes,
+        filename: str = "upload",
+        beam_size: int = 3,
+        overlays: bool = False,
+        arrived: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        """Decode, caption and describe one image; `ImageDecodeError` for a file that is not one."""
+        """Decode, caption and describe one image; `ImageDecodeError` for a file that is not one.
+
+        `arrived`: from `announce()` when the request came, else announced here.
+        """
         if not 1 <= beam_size <= self.limits.max_beam:
             raise UserError(f"beam_size must be between 1 and {self.limits.max_beam}")
         t0 = time.perf_counter()
-        with self._preparing():
+        arrived = arrived or self.announce()
+        try:
             image = self.decode(data, filename)
             try:
                 width, height, fmt = displayed_size(data)
@@ -304,8 +321,9 @@ class CaptionService:
                     "or shifted blocks, and the caption may describe them"
                 )
             t1 = time.perf_counter()
-            prepared = self._prepare(image)
-        beams, batch_size = self._run(prepared, beam_size)
+            beams, batch_size = self._run(self._prepare(image), beam_size, arrived)
+        finally:
+            arrived()
         t2 = time.perf_counter()
         grid = self.cm.grid
         out_beams = []
