@@ -264,7 +264,8 @@ def main() -> None:
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if args.mode == "concurrency":
-        result["photos"] = f"{max(args.clients)} photos, 640x480 JPEG ({source})"
+        where = "coco-mini val2017" if source != "synthetic" else "synthetic scenes"
+        result["photos"] = f"{max(args.clients)} photos, 640x480 JPEG ({where})"
         result["concurrency"] = bench_concurrency(args, params)
         print(json.dumps(result, indent=2))
         print("\n| clients | batching | requests/s | p50 ms | p95 ms | mean batch | load avg 1m |")
