@@ -31,7 +31,7 @@ test: $(STAMP)             ## fast test tier (CPU, no network, a few minutes)
 test-slow: $(STAMP)        ## end-to-end tier
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
-app: $(STAMP)              ## web app on http://127.0.0.1:8000 (CKPT=x.ckpt; else as caption.py picks one under outputs/, else trains one first)
+app: $(STAMP)              ## web app on http://127.0.0.1:8000 (CKPT=x.ckpt; else the best photo-trained checkpoint under outputs/, else the newest, else trains one first)
 	$(BIN)/python -m captioning.app --train-if-missing $(if $(CKPT),--ckpt $(CKPT)) $(ARGS)
 
 lint: $(STAMP)             ## ruff check + format check
