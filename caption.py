@@ -81,6 +81,7 @@ def caption(cfg: DictConfig) -> list[dict]:
                 beam_size=int(d.beam_size),
                 max_len=d.max_len,
                 length_penalty=float(d.length_penalty),
+                no_repeat_ngram=int(d.get("no_repeat_ngram", 0)),
             )
         for (path, image), hyps in zip(batch, beams, strict=True):
             results.append(_report(cm, path, image, hyps, cfg, run_dir, used_names))

@@ -48,6 +48,7 @@ def evaluate(cfg: DictConfig) -> dict:
         max_len=d.max_len,
         length_penalty=d.length_penalty,
         allow_unk=bool(d.get("allow_unk", False)),
+        no_repeat_ngram=int(d.get("no_repeat_ngram", 0)),
     )
     scores = score_corpus(preds, refs, meteor=bool(d.meteor), per_image=True)
     per_image = scores.pop("per_image")

@@ -264,6 +264,7 @@ def decode_hypotheses(
         max_len=int(decode.get("max_len") or vocab.max_len),
         length_penalty=float(decode.get("length_penalty", 1.0)),
         banned=vocab.banned(bool(decode.get("allow_unk", False))),
+        no_repeat_ngram=int(decode.get("no_repeat_ngram", 0)),
     )
     return [b[0] for b in beams]
 

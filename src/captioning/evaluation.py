@@ -26,6 +26,7 @@ def caption_dataset(
     max_len: int | None = None,
     length_penalty: float = 1.0,
     allow_unk: bool = False,
+    no_repeat_ngram: int = 0,
     num_workers: int = 0,
 ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, Hypothesis]]:
     """Best caption, references and best hypothesis (with attention) for every image."""
@@ -40,6 +41,7 @@ def caption_dataset(
             max_len=max_len,
             length_penalty=length_penalty,
             allow_unk=allow_unk,
+            no_repeat_ngram=no_repeat_ngram,
         )
         for image_id, image_refs, b in zip(batch["image_ids"], batch["refs"], beams, strict=True):
             preds[image_id] = cm.text(b[0])

@@ -99,6 +99,7 @@ class CaptionModel:
         max_len: int | None = None,
         length_penalty: float = 1.0,
         allow_unk: bool = False,
+        no_repeat_ngram: int = 0,
     ) -> list[list[Hypothesis]]:
         feats = self.model.encode(images)  # (B, N, D)
         return generate(
@@ -111,6 +112,7 @@ class CaptionModel:
             max_len=max_len or self.vocab.max_len,
             length_penalty=length_penalty,
             banned=self.vocab.banned(allow_unk),
+            no_repeat_ngram=no_repeat_ngram,
         )
 
     def caption(self, images: list[Image.Image], **decode: Any) -> list[list[Hypothesis]]:
