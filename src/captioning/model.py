@@ -53,6 +53,7 @@ class Captioner(nn.Module):
             max_len=decode.max_len or vocab.max_len,
             length_penalty=decode.length_penalty,
             banned=vocab.banned(decode.allow_unk),
+            no_repeat_ngram=decode.no_repeat_ngram,
         )
 
 

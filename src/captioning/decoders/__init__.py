@@ -3,6 +3,7 @@
 - `base`: the `Decoder` contract, additive `Attention`, the `DECODERS` registry, `build_decoder`
 - `soft_attention`: the paper's decoder, with its fast teacher-forced and decoding paths
 - `hard_attention`: the paper's stochastic attention, trained with REINFORCE
+- `updown`: the top-down decoder of Up-Down (Anderson et al. 2018): two LSTMs around attention
 - `baselines`: Show and Tell, Merge
 - `_kernels`: hand-written autograd pieces of soft attention's training loop
 
@@ -10,10 +11,21 @@ Importing this package imports every decoder module, so each one registers itsel
 """
 
 from ._kernels import fast_tanh
-from .base import DECODERS, Attention, Decoder, Group, Memory, State, build_decoder, list_decoders
+from .base import (
+    DECODERS,
+    Attention,
+    Decoder,
+    Group,
+    Memory,
+    State,
+    build_decoder,
+    doubly_stochastic,
+    list_decoders,
+)
 from .baselines import MergeDecoder, ShowTellDecoder
 from .hard_attention import HardAttentionDecoder
 from .soft_attention import SoftAttentionDecoder
+from .updown import UpDownDecoder
 
 __all__ = [
     "DECODERS",
@@ -26,7 +38,9 @@ __all__ = [
     "ShowTellDecoder",
     "SoftAttentionDecoder",
     "State",
+    "UpDownDecoder",
     "build_decoder",
+    "doubly_stochastic",
     "fast_tanh",
     "list_decoders",
 ]

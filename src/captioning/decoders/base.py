@@ -23,6 +23,7 @@ import inspect
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -110,6 +111,48 @@ class Attention(nn.Module):
         alpha = e.squeeze(2).softmax(dim=1)  # (B, N)
         context = torch.bmm(alpha.unsqueeze(1), feats).squeeze(1)  # (B, D)
         return context, alpha
+
+    def grouped(
+        self, feats: Tensor, feats_proj: Tensor, d: Tensor, group: Group
+    ) -> tuple[Tensor, Tensor]:
+        """Attention of R queries d = decoder_att(h) (R, A) over their images' regions: alpha
+        (R, N), context (R, D); the rows of image i are the next `group` (or group[i]) rows.
+
+        The beams of an image attend to its one copy of feats (B, N, D) and feats_proj (B, N, A).
+        """
+        B, N, _ = feats.shape
+        full_att = self.full_att
+        if isinstance(group, int) and feats.device.type != "cpu":
+            z = feats_proj.unsqueeze(1) + d.view(B, group, 1, -1)  # (B, G, N, A)
+            alpha = full_att(torch.tanh(z)).view(B, group, N).softmax(dim=2)
+            return alpha.view(-1, N), torch.bmm(alpha, feats).view(B * group, -1)
+        counts = [group] * B if isinstance(group, int) else group
+        if feats.device.type != "cpu":  # rows of their image's memory, copied
+            img = torch.repeat_interleave(torch.tensor(counts, device=d.device))
+            z = feats_proj.index_select(0, img) + d.unsqueeze(1)  # (R, N, A)
+            alpha = full_att(torch.tanh(z)).squeeze(2).softmax(dim=1)
+            return alpha, torch.bmm(alpha.unsqueeze(1), feats.index_select(0, img)).squeeze(1)
+        # On the CPU, one image at a time: the energies of a step, a (R, N, A) tensor, are by
+        # far its largest, and an image's (G, N, A) share of them stays in cache. As in
+        # fast_tanh, tanh(z) = 2*sigmoid(2z) - 1, with the 2 and the -1 folded into full_att.
+        w2, b2 = 2 * full_att.weight, full_att.bias - full_att.weight.sum()  # (1, A), (1,)
+        d2 = (2 * d).unsqueeze(1)  # (R, 1, A)
+        alphas, contexts, r = [], [], 0
+        for i, g in enumerate(counts):
+            if g:
+                z2 = torch.add(d2[r : r + g], feats_proj[i], alpha=2)  # 2 (proj + d): (G, N, A)
+                alpha = F.linear(z2.sigmoid_(), w2, b2).squeeze(2).softmax(dim=1)
+                alphas.append(alpha)  # (G, N)
+                contexts.append(alpha @ feats[i])  # (G, D)
+                r += g
+        return torch.cat(alphas), torch.cat(contexts)
+
+
+def doubly_stochastic(alphas: Tensor, mask: Tensor, weight: float) -> Tensor:
+    """Xu et al.'s attention regulariser: every region should get about one unit of attention
+    over the caption; alphas (B, T, N), mask (B, T), so padding steps do not count."""
+    coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, N)
+    return weight * ((1.0 - coverage) ** 2).mean()
 
 
 def check_dropout(p: float) -> float:

@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._kernels import attention_energies, deferred_linear, fast_tanh, lstm_ifog
-from .base import DECODERS, Attention, Decoder, Group, Memory, State, check_dropout
+from .base import (
+    DECODERS,
+    Attention,
+    Decoder,
+    Group,
+    Memory,
+    State,
+    check_dropout,
+    doubly_stochastic,
+)
 
 
 @DECODERS.register("soft_attention")
@@ -123,11 +132,11 @@ class SoftAttentionDecoder(Decoder):
         feats, feats_proj = memory  # (B, N, D), (B, N, A)
         if torch.is_grad_enabled():
             d = self.attention.decoder_att(h)  # (R, A)
-            alpha, context = self._grouped_attention(feats, feats_proj, d, group)
+            alpha, context = self.attention.grouped(feats, feats_proj, d, group)
             return self._advance(tokens, state, self._gated(h, context), alpha)
         emb_gates, w_h, b_h, fc = self._inference_weights()
         d, *beta, hh = F.linear(h, w_h, b_h).split(self._h_split, dim=1)  # (R, A), .., (R, 4H)
-        alpha, context = self._grouped_attention(feats, feats_proj, d, group)  # (R, N), (R, D)
+        alpha, context = self.attention.grouped(feats, feats_proj, d, group)  # (R, N), (R, D)
         if beta:
             context = torch.sigmoid(beta[0]) * context
         w_ctx = self.lstm.weight_ih[:, self.embed_dim :]  # (4H, D), a view: no copy
@@ -137,38 +146,6 @@ class SoftAttentionDecoder(Decoder):
         h = torch.sigmoid(o) * torch.tanh(c)
         emb = self.embedding(tokens) if self.deep_output else None
         return self._logits(h, emb, context, fc), (h, c), alpha
-
-    def _grouped_attention(
-        self, feats: Tensor, feats_proj: Tensor, d: Tensor, group: Group
-    ) -> tuple[Tensor, Tensor]:
-        """Attention of R queries d (R, A) over their images' regions: alpha (R, N), context
-        (R, D); the rows of image i are the next `group` (or group[i]) rows."""
-        B, N, _ = feats.shape
-        full_att = self.attention.full_att
-        if isinstance(group, int) and feats.device.type != "cpu":
-            z = feats_proj.unsqueeze(1) + d.view(B, group, 1, -1)  # (B, G, N, A)
-            alpha = full_att(torch.tanh(z)).view(B, group, N).softmax(dim=2)
-            return alpha.view(-1, N), torch.bmm(alpha, feats).view(B * group, -1)
-        counts = [group] * B if isinstance(group, int) else group
-        if feats.device.type != "cpu":  # rows of their image's memory, copied
-            img = torch.repeat_interleave(torch.tensor(counts, device=d.device))
-            z = feats_proj.index_select(0, img) + d.unsqueeze(1)  # (R, N, A)
-            alpha = full_att(torch.tanh(z)).squeeze(2).softmax(dim=1)
-            return alpha, torch.bmm(alpha.unsqueeze(1), feats.index_select(0, img)).squeeze(1)
-        # On the CPU, one image at a time: the energies of a step, a (R, N, A) tensor, are by
-        # far its largest, and an image's (G, N, A) share of them stays in cache. As in
-        # fast_tanh, tanh(z) = 2*sigmoid(2z) - 1, with the 2 and the -1 folded into full_att.
-        w2, b2 = 2 * full_att.weight, full_att.bias - full_att.weight.sum()  # (1, A), (1,)
-        d2 = (2 * d).unsqueeze(1)  # (R, 1, A)
-        alphas, contexts, r = [], [], 0
-        for i, g in enumerate(counts):
-            if g:
-                z2 = torch.add(d2[r : r + g], feats_proj[i], alpha=2)  # 2 (proj + d): (G, N, A)
-                alpha = F.linear(z2.sigmoid_(), w2, b2).squeeze(2).softmax(dim=1)
-                alphas.append(alpha)  # (G, N)
-                contexts.append(alpha @ feats[i])  # (G, D)
-                r += g
-        return torch.cat(alphas), torch.cat(contexts)
 
     _inference_cache: tuple | None = None  # (key, tensors): derived weights, not in state dict
 
@@ -361,6 +338,4 @@ class SoftAttentionDecoder(Decoder):
 
     def regularizer(self, alphas: Tensor | None, mask: Tensor) -> Tensor:
         """Doubly stochastic attention: every region should get about one unit of attention."""
-        # alphas (B, T, N), mask (B, T): padding steps must not count.
-        coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # (B, N)
-        return self.alpha_c * ((1.0 - coverage) ** 2).mean()
+        return doubly_stochastic(alphas, mask, self.alpha_c)
