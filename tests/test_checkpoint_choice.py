@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +53,19 @@ def test_best_checkpoint_of_the_newest_completed_run(tmp_path):
     assert found.completed and found.run_dir == new
     assert "val/bleu4 0.4500" in found.describe() and "newest completed run" in found.describe()
     assert newest_checkpoint(tmp_path) == unfinished / "checkpoints" / "last.ckpt"
+
+
+def test_a_debug_fast_run_is_not_a_model(tmp_path):
+    real, smoke = tmp_path / "real", tmp_path / "smoke"
+    fake_ckpt(real / "checkpoints" / "epoch003.ckpt", 0.8, age=100)
+    complete(real, age=100)
+    fake_ckpt(smoke / "checkpoints" / "last.ckpt", 0.0)
+    complete(smoke)  # newer and completed, but one batch of each split
+    (smoke / ".hydra").mkdir()
+    (smoke / ".hydra" / "config.yaml").write_text("trainer:\n  fast_dev_run: true\n")
+    assert find_checkpoint(tmp_path).path == real / "checkpoints" / "epoch003.ckpt"
+    shutil.rmtree(real)
+    assert find_checkpoint(tmp_path).path == smoke / "checkpoints" / "last.ckpt"  # all there is
 
 
 def test_cider_runs_and_unscored_files(tmp_path):

@@ -6,7 +6,8 @@ file alone. `checkpoint_block` writes that block, `read_checkpoint` reads and ch
 older formats), `model_state` takes the Captioner's weights out of the module's state dict. When
 none is named, `caption.py` and the web app use the best checkpoint (by the run's own selection
 metric on the validation split) of the newest *completed* run under `outputs/`: a run that was
-stopped after a few batches, or is still training, never wins because it was written last.
+stopped after a few batches, is still training, or was a `debug=fast`
+check, never wins because it was written last.
 Imports neither Lightning nor Hydra.
 """
 
@@ -290,6 +291,18 @@ def completed_at(run_dir: Path) -> float | None:
     return None
 
 
+def is_smoke_run(run_dir: Path) -> bool:
+    """A `debug=fast` run (Lightning's fast_dev_run): one batch of each split, a check that the
+    code runs, never a model to use, though it completes and may leave a last.ckpt."""
+    import yaml  # PyYAML, which omegaconf requires
+
+    try:
+        config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        return bool(config["trainer"]["fast_dev_run"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
+
+
 def read_selection(path: Path) -> tuple[str | None, float | None]:
     """(monitor, its value when saved) from a checkpoint's "captioning" block; (None, None) if
     the file cannot be read. Memory-mapped: only the small header is read, not the weights."""
@@ -346,6 +359,8 @@ def find_checkpoint(root: str | Path = "outputs") -> FoundCheckpoint | None:
             runs.setdefault(run_dir_of(p), []).append(p)
     if not runs:
         return None
+    real = {d: ckpts for d, ckpts in runs.items() if not is_smoke_run(d)}
+    runs = real or runs  # only debug=fast runs: better one of them than nothing
     done = {d: t for d in runs if (t := completed_at(d)) is not None}
     if done:
         run = max(done, key=done.__getitem__)
