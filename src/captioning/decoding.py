@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import precision as _precision
 from .decoders import Decoder
 
 
@@ -102,6 +103,7 @@ def beam_search(
     length_penalty: float = 1.0,
     banned: tuple[int, ...] = (),
     chunk_size: int = CHUNK_SIZE,
+    precision: str = "fp32",
 ) -> list[list[Hypothesis]]:
     """Beam search for a batch of images at once; returns each image's beams, best first.
 
@@ -113,22 +115,26 @@ def beam_search(
     `chunk_size` images, an image leaves its chunk once all its beams have ended, the K beams
     of an image share one copy of its memory (`Decoder.step_grouped`), and the first step runs
     once per image, since all its beams are still the same.
+
+    `precision` (auto | fp32 | bf16, see `captioning.precision`): the dtype of the step's
+    matmuls; auto is bf16 on CPUs with AMX, else fp32.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     out: list[list[Hypothesis]] = []
-    for s in range(0, feats.size(0), chunk_size):
-        out += _beam_chunk(
-            decoder,
-            feats[s : s + chunk_size],
-            beam_size,
-            start_id,
-            end_id,
-            pad_id,
-            max_len,
-            length_penalty,
-            banned,
-        )
+    with _precision.use(_precision.resolve(precision, feats.device)):
+        for s in range(0, feats.size(0), chunk_size):
+            out += _beam_chunk(
+                decoder,
+                feats[s : s + chunk_size],
+                beam_size,
+                start_id,
+                end_id,
+                pad_id,
+                max_len,
+                length_penalty,
+                banned,
+            )
     return out
 
 
@@ -279,8 +285,12 @@ def generate(
     length_penalty: float = 1.0,
     banned: tuple[int, ...] = (),
     chunk_size: int = CHUNK_SIZE,
+    precision: str = "fp32",
 ) -> list[list[Hypothesis]]:
-    """Captions for a batch of region features: greedy for beam 1, else beam search."""
+    """Captions for a batch of region features: greedy for beam 1, else beam search.
+
+    `precision` applies to beam search (greedy decoding runs in fp32).
+    """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if beam_size == 1:
@@ -299,6 +309,7 @@ def generate(
         length_penalty=length_penalty,
         banned=banned,
         chunk_size=chunk_size,
+        precision=precision,
     )
 
 
