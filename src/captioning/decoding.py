@@ -293,6 +293,7 @@ def generate(
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    _precision.resolve(precision, feats.device)  # a bad value fails for greedy too
     if beam_size == 1:
         hyps = greedy_search(
             decoder, feats, start_id=start_id, end_id=end_id, max_len=max_len, banned=banned

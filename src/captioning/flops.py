@@ -52,10 +52,7 @@ def step_flops(s: DecoderSizes, embedding: bool = True) -> dict[str, int]:
     computed once per vocabulary.
     """
     E, H, A, D, N, V = s.embed, s.hidden, s.attention, s.encoder_dim, s.regions, s.vocab
-    if s.deep_output:
-        output = 2 * (H * E + D * E + E * V)
-    else:
-        output = 2 * H * V
+    output = 2 * (H * E + D * E + E * V) if s.deep_output else 2 * H * V
     return {
         "attention": 2 * (H * A + N * A + N * D),
         "gate": 2 * H * D if s.gate else 0,
