@@ -215,9 +215,9 @@ def main() -> None:
                 )
                 counter.take()
             if peak:
-                run["fp32"]["fraction_of_peak"] = round(
-                    run["fp32"]["gflops"] / peak["fp32"]["gflops"], 3
-                )
+                for t in (run["fp32"], run.get("one_at_a_time")):
+                    if t:
+                        t["fraction_of_peak"] = round(t["gflops"] / peak["fp32"]["gflops"], 3)
                 if "gflops" in run["bf16"]:
                     run["bf16"]["fraction_of_peak"] = round(
                         run["bf16"]["gflops"] / peak["bf16"]["gflops"], 3
