@@ -81,6 +81,7 @@ def caption(cfg: DictConfig) -> list[dict]:
                 beam_size=int(d.beam_size),
                 max_len=d.max_len,
                 length_penalty=float(d.length_penalty),
+                precision=str(d.get("precision", "auto")),
             )
         for (path, image), hyps in zip(batch, beams, strict=True):
             results.append(_report(cm, path, image, hyps, cfg, run_dir, used_names))

@@ -48,6 +48,7 @@ def evaluate(cfg: DictConfig) -> dict:
         max_len=d.max_len,
         length_penalty=d.length_penalty,
         allow_unk=bool(d.get("allow_unk", False)),
+        precision=str(d.get("precision", "auto")),
     )
     scores = score_corpus(preds, refs, meteor=bool(d.meteor), per_image=True)
     per_image = scores.pop("per_image")

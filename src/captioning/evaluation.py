@@ -27,6 +27,7 @@ def caption_dataset(
     length_penalty: float = 1.0,
     allow_unk: bool = False,
     num_workers: int = 0,
+    precision: str = "auto",
 ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, Hypothesis]]:
     """Best caption, references and best hypothesis (with attention) for every image."""
     loader = DataLoader(
@@ -40,6 +41,7 @@ def caption_dataset(
             max_len=max_len,
             length_penalty=length_penalty,
             allow_unk=allow_unk,
+            precision=precision,
         )
         for image_id, image_refs, b in zip(batch["image_ids"], batch["refs"], beams, strict=True):
             preds[image_id] = cm.text(b[0])

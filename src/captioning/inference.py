@@ -99,7 +99,10 @@ class CaptionModel:
         max_len: int | None = None,
         length_penalty: float = 1.0,
         allow_unk: bool = False,
+        precision: str = "auto",
     ) -> list[list[Hypothesis]]:
+        """Beams for a batch of images; `precision` of beam search's matmuls: auto (bf16 on
+        CPUs with AMX, else fp32), fp32 or bf16 (see `captioning.precision`)."""
         feats = self.model.encode(images)  # (B, N, D)
         return generate(
             self.model.decoder,
@@ -111,6 +114,7 @@ class CaptionModel:
             max_len=max_len or self.vocab.max_len,
             length_penalty=length_penalty,
             banned=self.vocab.banned(allow_unk),
+            precision=precision,
         )
 
     def caption(self, images: list[Image.Image], **decode: Any) -> list[list[Hypothesis]]:

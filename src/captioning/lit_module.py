@@ -191,6 +191,7 @@ class CaptioningModule(L.LightningModule):
             max_len=int(decode.get("max_len") or self.vocab.max_len),
             length_penalty=float(decode.get("length_penalty", 1.0)),
             banned=self.vocab.banned(bool(decode.get("allow_unk", False))),
+            precision=str(decode.get("precision", "auto")),
         )
         return [self.vocab.decode(b[0].tokens) for b in beams]
 
