@@ -119,6 +119,33 @@ def beam_tables(lines: list[str]) -> None:
                 f"| {run['beam']} | {f['bleu4']} | {b['bleu4']} | {b['bleu4'] - f['bleu4']:+.4f} | "
                 f"{f['cider']} | {b['cider']} | {b['cider'] - f['cider']:+.4f} |"
             )
+    roof = load("roofline")
+    goal = []
+    for run in r["runs"]:
+        one = run.get("one_at_a_time")
+        peak = roof and roof["threads"].get(str(run["threads"]))
+        if not one or not peak:
+            continue
+        need = run["gflop_per_image"] * r["images"] / (one["wall_s"] / 10)  # GFLOP/s for 10x
+        best = max(
+            (t for t in (run["fp32"], run["bf16"]) if "gflops" in t), key=lambda t: t["gflops"]
+        )
+        goal.append(
+            f"| {run['beam']} | {run['threads']} | {need:.0f} | {need / peak['fp32']['gflops']:.0%} "
+            f"| {need / peak['bf16']['gflops']:.0%} | {best['gflops'] / need:.0%} |"
+        )
+    if goal:
+        lines += [
+            "",
+            "The 10x goal against one image at a time, as a roofline: the GFLOP/s that batched "
+            "search would need, against this machine's matmul peaks (a fraction over 100% "
+            "cannot be reached in that precision), and how far the best batched run got:",
+            "",
+            "| beam | threads | GFLOP/s for 10x | of fp32 peak | of bf16 peak | best batched "
+            "reached |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *goal,
+        ]
     lat = [run for run in r["runs"] if "single_image_latency_ms" in run]
     for run in lat:
         x = run["single_image_latency_ms"]
