@@ -89,7 +89,7 @@ def scores(beams, refs, vocab) -> dict[str, float] | None:
 
     preds = {i: vocab.decode(bs[0].tokens) for i, bs in enumerate(beams)}
     s = score_corpus(preds, dict(enumerate(refs)), meteor=False)
-    return {"bleu4": round(s["bleu4"], 4), "cider": round(s["cider"], 4)}
+    return {"bleu4": round(s["BLEU-4"], 4), "cider": round(s["CIDEr"], 4)}
 
 
 def main() -> None:

@@ -20,8 +20,9 @@ from captioning.flops import DecoderSizes, decode_flops, prepare_flops, step_flo
 V, D, N, START, END = 30, 16, 9, 1, 2
 # bf16 against fp32 on the small model below, 64 images, beam 3: at least this share of best
 # captions identical, and every best caption's score (length-normalised log-probability)
-# within this of fp32's. Measured: 54/64 identical, largest score difference 0.05.
-MIN_SAME_BEST, MAX_SCORE_DIFF = 0.75, 0.15
+# within this of fp32's. Measured: 62/64 identical, largest score difference 0.011 (with the
+# output layer in bf16 too, under 95%: logits are ranked, so they stay fp32).
+MIN_SAME_BEST, MAX_SCORE_DIFF = 0.95, 0.03
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +89,8 @@ def test_bf16_casts_the_weights_once_and_fp32_comes_back_unchanged():
     before = search(dec, feats[:8])
     search(dec, feats[:8], "bf16")
     _, w_h, b_h, w_ctx, fc = dec._inference_cache[1]
-    assert {w_h.dtype, w_ctx.dtype, fc[0].dtype} == {torch.bfloat16}
+    assert {w_h.dtype, w_ctx.dtype} == {torch.bfloat16}
+    assert fc[0].dtype == torch.float32  # logits in fp32: beams are ranked on them
     after = search(dec, feats[:8])
     assert dec._inference_cache[1][1].dtype == torch.float32
     assert tokens(after) == tokens(before)

@@ -418,8 +418,8 @@ class SoftAttentionDecoder(Decoder):
         w_h (A [+ D] + 4H, H) and b_h: decoder_att, f_beta and weight_hh as one matmul on h;
         w_ctx (4H, D): the context half of weight_ih; the output layer with zero rows up to a
         multiple of 16 words: MKL's matmul runs 1.6x faster with 2544 output columns than
-        with 2543. With `dtype` bf16, the matmul weights (all but emb_gates, a lookup) are
-        cast once, here.
+        with 2543. With `dtype` bf16, w_h, b_h and w_ctx are cast once, here; the output layer
+        stays fp32 (see `captioning.precision`).
         """
         att, lstm, fc = self.attention.decoder_att, self.lstm, self.fc
         parts = [
@@ -454,9 +454,7 @@ class SoftAttentionDecoder(Decoder):
                 fc_b = torch.cat([fc.bias, fc.bias.new_zeros(pad)])
                 w_ctx = lstm.weight_ih[:, E:]  # (4H, D), a view: no copy in fp32
                 if dtype != torch.float32:
-                    w_h, b_h, w_ctx, fc_w, fc_b = (
-                        x.to(dtype).contiguous() for x in (w_h, b_h, w_ctx, fc_w, fc_b)
-                    )
+                    w_h, b_h, w_ctx = (x.to(dtype).contiguous() for x in (w_h, b_h, w_ctx))
             self._inference_cache = (key, (emb_gates, w_h, b_h, w_ctx, (fc_w, fc_b)))
         return self._inference_cache[1]
 

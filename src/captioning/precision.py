@@ -6,9 +6,13 @@ a bf16 matmul does several times the multiply-adds of an fp32 one per cycle; on 
 them (AVX2 only) torch runs bf16 matmuls through a slow reference path, tens of times slower
 than fp32. So `auto` picks bf16 only where the units exist, and fp32 everywhere else.
 
-bf16 here means: the decoder's matmul weights cast once to bf16, each matmul's input rounded
-to bf16, products summed in fp32, the result rounded to bf16 and used as fp32 from there on;
-the recurrent state, the attention energies, softmax and the search itself stay fp32.
+bf16 here means: the recurrent matmuls of a step (decoder_att + f_beta + weight_hh on h, and
+the context half of the gates: about four fifths of its multiply-adds at the flickr8k sizes)
+with weights cast once to bf16, inputs rounded to bf16, products summed in fp32, the result
+rounded to bf16 and used as fp32 from there on. The output layer, the recurrent state, the
+attention energies, softmax and the search stay fp32: a bf16 result carries 8 bits, and a
+logit of 10 rounded to bf16 moves by up to 0.03, enough to reorder close beams (on a Flickr8k
+model, bf16 logits changed 12% of the best captions; fp32 logits, under 1.5%).
 
 `emulate_bf16()` computes exactly those roundings with fp32 kernels, so the captions bf16
 decoding gives can be checked (and tested) on a machine without bf16 units, at fp32 speed.
