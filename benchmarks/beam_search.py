@@ -13,7 +13,8 @@ which). For every beam size and thread count:
 
 - one at a time (fp32): `beam_search` on each image alone, what the web app pays per image;
 - batched fp32 and batched bf16 (`precision="bf16"`, see `captioning.precision`): all images
-  in one call. On a CPU without bf16 units bf16 is not timed (torch's bf16 matmul is a slow
+  in one call. With one thread, also an ablation: bf16 with the output layer in bf16 too
+  (emulated), to show why `precision` keeps it in fp32. On a CPU without bf16 units bf16 is not timed (torch's bf16 matmul is a slow
   reference loop there: see roofline.json); its captions are still computed, with
   `precision.emulate_bf16()`, which rounds as bf16 does at fp32 speed.
 
@@ -28,6 +29,7 @@ Writes outputs/bench/beam_search.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -80,6 +82,22 @@ class RowCounter:
     def take(self) -> int:
         rows, self.rows = self.rows, 0
         return rows
+
+
+@contextlib.contextmanager
+def bf16_logits(dec):
+    """The output layer in bf16 as well (an ablation: `precision` keeps it fp32)."""
+    weights = dec._inference_weights
+
+    def patched(dtype=torch.float32):
+        emb_gates, w_h, b_h, w_ctx, (fc_w, fc_b) = weights(dtype)
+        return emb_gates, w_h, b_h, w_ctx, (fc_w.to(dtype), fc_b.to(dtype))
+
+    dec._inference_weights = patched
+    try:
+        yield
+    finally:
+        del dec._inference_weights
 
 
 def scores(beams, refs, vocab) -> dict[str, float] | None:
@@ -184,6 +202,12 @@ def main() -> None:
             )
             print(K, threads, "bf16", run["bf16"], run["bf16_same_best_caption"], flush=True)
             if threads == 1:  # captions do not depend on threads: score them once
+                with precision.emulate_bf16(), bf16_logits(dec):
+                    ablation = beam_search(dec, feats, precision="bf16", **kwk)
+                counter.take()
+                run["bf16_logits_same_best_caption"] = sum(
+                    g[0] == w[0] for g, w in zip(captions(ablation), captions(fp32), strict=True)
+                )
                 run["scores"] = {
                     "fp32": scores(fp32, refs, vocab),
                     "bf16": scores(bf16, refs, vocab),

@@ -146,6 +146,18 @@ def beam_tables(lines: list[str]) -> None:
             "| --- | --- | --- | --- | --- | --- |",
             *goal,
         ]
+    abl = [run for run in r["runs"] if "bf16_logits_same_best_caption" in run]
+    if abl:
+        lines += [
+            "",
+            "Why bf16 decoding keeps the output layer in fp32: with bf16 logits too (emulated), "
+            "the best caption equals fp32's for "
+            + ", ".join(
+                f"{run['bf16_logits_same_best_caption']}/{r['images']} images at beam {run['beam']}"
+                for run in abl
+            )
+            + ".",
+        ]
     lat = [run for run in r["runs"] if "single_image_latency_ms" in run]
     for run in lat:
         x = run["single_image_latency_ms"]
