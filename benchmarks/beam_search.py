@@ -239,13 +239,14 @@ def main() -> None:
                 )
                 counter.take()
             if peak:
-                for t in (run["fp32"], run.get("one_at_a_time")):
-                    if t:
-                        t["fraction_of_peak"] = round(t["gflops"] / peak["fp32"]["gflops"], 3)
-                if "gflops" in run["bf16"]:
-                    run["bf16"]["fraction_of_peak"] = round(
-                        run["bf16"]["gflops"] / peak["bf16"]["gflops"], 3
-                    )
+                for t, p in (
+                    (run["fp32"], peak["fp32"]),
+                    (run.get("one_at_a_time"), peak["fp32"]),
+                    (run["bf16"], peak["bf16"]),
+                ):
+                    if t and "gflops" in t:
+                        t["fraction_of_peak"] = round(t["gflops"] / p["gflops"], 3)
+                        t["fraction_of_peak_cpu"] = round(t["gflops_cpu"] / p["gflops_cpu"], 3)
             lengths = [len(bs[0].tokens) for bs in fp32]
             run["best_caption_words_mean"] = round(statistics.fmean(lengths), 2)
             result["runs"].append(run)

@@ -272,8 +272,9 @@ def main() -> None:
             "speedup_wall": round(base["wall_s"] / t["wall_s"], 2),
         }
         if peak:
-            ref = peak["bf16" if v.endswith("bf16") else "fp32"]["gflops"]
-            rows[v]["fraction_of_peak"] = round(rows[v]["gflops"] / ref, 3)
+            ref = peak["bf16" if v.endswith("bf16") else "fp32"]
+            rows[v]["fraction_of_peak"] = round(rows[v]["gflops"] / ref["gflops"], 3)
+            rows[v]["fraction_of_peak_cpu"] = round(rows[v]["gflops_cpu"] / ref["gflops_cpu"], 3)
         print(v, rows[v], flush=True)
     result["variants"] = rows
     result["load_avg_timed"] = load_avg()
