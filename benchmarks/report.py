@@ -48,14 +48,15 @@ def roofline_table(lines: list[str]) -> None:
         "",
         f"Machine: {machine(r)}.",
         "",
-        "| threads | fp32 matmul peak GFLOP/s (n) | bf16 matmul peak GFLOP/s (n) | memory read "
-        "GB/s | load |",
+        "| threads | fp32 matmul peak GFLOP/s (n); per CPU second | bf16 matmul peak GFLOP/s (n); "
+        "per CPU second | memory read GB/s | load |",
         "| --- | --- | --- | --- | --- |",
     ]
     for t, x in r["threads"].items():
         f, b = x["fp32"], x["bf16"]
         lines.append(
-            f"| {t} | {f['gflops']} ({f['n']}) | {b['gflops']} ({b['n']}) | {x['read']['gb_s']} | "
+            f"| {t} | {f['gflops']} ({f['n']}); {f.get('gflops_cpu', '-')} | {b['gflops']} "
+            f"({b['n']}); {b.get('gflops_cpu', '-')} | {x['read']['gb_s']} | "
             f"{f['load_avg']}, {b['load_avg']} |"
         )
     lines += ["", f"`{r['command']}`", ""]
@@ -71,8 +72,11 @@ def beam_tables(lines: list[str]) -> None:
         f"Machine: {machine(r)}. Decoder: {r['decoder']}. Features: {r['features']}.",
         "",
         "Seconds for all images (wall); in brackets GFLOP/s and the fraction of the matmul peak "
-        "of the same precision and thread count (roofline above). Speedups are against one "
-        "image at a time, fp32, same beam and threads. Load: 1-minute load average before/after.",
+        "of the same precision and thread count (roofline above), then the same per CPU second "
+        "of the process (against the peak per CPU second): on a busy machine wall time counts "
+        "the time others had the cores, CPU time does not. Speedups are wall time against one "
+        "image at a time, fp32, same beam and threads. Load: 1-minute load average "
+        "before/after.",
         "",
         "| beam | threads | GFLOP per image | one at a time | batched fp32 | batched bf16 | "
         "batched fp32 vs one | bf16 vs one | identical beams, batched vs one | bf16 best "
@@ -85,7 +89,10 @@ def beam_tables(lines: list[str]) -> None:
             return "-"
         if "skipped" in t:
             return "not run: no bf16 units"
-        return f"{t['wall_s']} s ({t['gflops']}, {pct(t.get('fraction_of_peak'))})"
+        return (
+            f"{t['wall_s']} s ({t['gflops']}, {pct(t.get('fraction_of_peak'))}; cpu "
+            f"{t['cpu_s']} s: {t['gflops_cpu']}, {pct(t.get('fraction_of_peak_cpu'))})"
+        )
 
     for run in r["runs"]:
         one, f, b = run.get("one_at_a_time"), run["fp32"], run["bf16"]
@@ -184,8 +191,8 @@ def train_table(lines: list[str]) -> None:
         f"{r['gflop_per_step']} GFLOP per step (forward + backward). One step = forward, loss, "
         "backward, AdamW.",
         "",
-        "| variant | captions/s wall (cpu) | GFLOP/s (fraction of peak) | vs stepwise wall (cpu) | "
-        "loss vs stepwise, fp32 | load |",
+        "| variant | captions/s wall (cpu) | GFLOP/s (fraction of peak); per CPU second | vs "
+        "stepwise wall (cpu) | loss vs stepwise, fp32 | load |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     eq = r.get("equality_vs_stepwise_fp32", {})
@@ -195,7 +202,9 @@ def train_table(lines: list[str]) -> None:
         diff_s = "-" if v == "stepwise" or diff is None or " bf16" in v else f"{diff:.1e}"
         lines.append(
             f"| {v} | {x['captions_per_s_wall']} ({x['captions_per_s_cpu']}) | {x['gflops']} "
-            f"({pct(x.get('fraction_of_peak'))}) | **{x['speedup_wall']}x** ({x['speedup_cpu']}x) "
+            f"({pct(x.get('fraction_of_peak'))}); {x.get('gflops_cpu', '-')} "
+            f"({pct(x.get('fraction_of_peak_cpu'))}) | **{x['speedup_wall']}x** "
+            f"({x['speedup_cpu']}x) "
             f"| {diff_s} | {load_timed} |"
         )
     if "bf16_skipped" in r:
