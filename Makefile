@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: help install train test test-slow lint format app bench gpu gpu-dry-run gpu-wheels clean
+.PHONY: help install train test test-slow lint format app bench bench-docs gpu gpu-dry-run gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,10 +42,14 @@ format: $(STAMP)           ## ruff fix + format
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP)            ## speed and memory benchmarks (CPU; GPU when there is one): outputs/bench/*.json + README.md, see docs/performance.md
-	$(BIN)/python benchmarks/beam_search.py --beam 3
-	$(BIN)/python benchmarks/beam_search.py --beam 5 --bf16
-	$(BIN)/python benchmarks/train_step.py --bf16
+# make bench [CKPT=x.ckpt] [CAPTIONING_CACHE=dir]: every number of docs/performance.md, measured
+# on this machine. Without CKPT the decoder is random (of the flickr8k experiment's size); without
+# a Flickr8k feature cache under CAPTIONING_CACHE (default outputs/cache) the features are random.
+# The outputs say which. make bench-docs then writes the tables into docs/performance.md.
+bench: $(STAMP)            ## speed and memory benchmarks (CPU; GPU when there is one): outputs/bench/*.json + README.md
+	$(BIN)/python benchmarks/roofline.py --threads 1,2
+	BENCH_CKPT=$(CKPT) $(BIN)/python benchmarks/beam_search.py --beams 3,5 --threads 1,2
+	$(BIN)/python benchmarks/train_step.py --bf16 --curve 200
 	$(BIN)/python benchmarks/memory.py --size flickr8k
 	$(BIN)/python benchmarks/memory.py --size flickr8k --malloc-fix
 	$(BIN)/python benchmarks/memory.py --size coco
@@ -64,6 +68,9 @@ gpu-dry-run:               ## the same script on the CPU at small sizes: checks 
 
 gpu-wheels:                ## wheels of what a bare GPU machine lacks, into .whl/ (needs PyPI)
 	benchmarks/gpu_wheels.sh
+
+bench-docs: $(STAMP)       ## the tables of docs/performance.md from outputs/bench/*.json
+	$(BIN)/python benchmarks/report.py --docs docs/performance.md
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -22,17 +22,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "bench"
-FEATURES = ROOT / "outputs" / "cache" / "features"
-CHECKPOINTS = ROOT / "outputs" / "flickr8k" / "lite2_soft" / "checkpoints"
+# The project's cache root (converted datasets, feature caches): paths.cache_dir's default,
+# and the same environment variable overrides it.
+CACHE = Path(os.environ.get("CAPTIONING_CACHE", ROOT / "outputs" / "cache"))
+FEATURES = CACHE / "features"
 
 # The flickr8k experiment's decoder (conf/experiment/flickr8k.yaml) on EfficientNet-Lite2's
-# 9x9x1280 map, with the vocabulary a Flickr8k run builds (2538 words with min_word_freq 5).
-FLICKR8K_DECODER = {"embed_dim": 512, "hidden_dim": 512, "attention_dim": 512, "alpha_c": 1.0}
-FLICKR8K_VOCAB, LITE2_REGIONS, LITE2_DIM = 2538 + 4, 81, 1280
+# 9x9x1280 map, with the vocabulary a Flickr8k run builds (2543 words with min_word_freq 5).
+FLICKR8K_DECODER = {"embed_dim": 512, "hidden_dim": 1024, "attention_dim": 512, "alpha_c": 1.0}
+FLICKR8K_VOCAB, LITE2_REGIONS, LITE2_DIM = 2543, 81, 1280
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 def hardware() -> dict[str, Any]:
-    """CPU model and cores (from lscpu), torch threads, bf16 support, and the load right now."""
+    """CPU model, cores, flags, torch threads, bf16 units, the load right now and the date."""
+    from captioning.precision import cpu_bf16_units, cpu_flags
+
     info: dict[str, Any] = {"machine": platform.machine()}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -42,14 +47,24 @@ def hardware() -> dict[str, Any]:
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     info["cpu"] = fields.get("Model name", platform.processor() or "unknown")
     info["cores"] = os.cpu_count()
-    flags = fields.get("Flags", "").split()
+    flags = cpu_flags()
+    info["flags"] = [f for f in FLAGS if f in flags]
     info["avx512_bf16"] = "avx512_bf16" in flags
     info["amx_bf16"] = "amx_bf16" in flags
+    info["bf16_units"] = cpu_bf16_units()
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
     info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     info["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    info["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return info
+
+
+def load(name: str, out: Path = OUT) -> dict | None:
+    """outputs/bench/NAME.json, if a benchmark has written it."""
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_avg() -> float:
@@ -96,45 +111,49 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3) -> dict[str,
     }
 
 
-def lite2_test_features() -> tuple[torch.Tensor, str] | None:
-    """The cached EfficientNet-Lite2 features of Flickr8k's 1000 test images, if cached yet.
+def flickr8k_test() -> dict[str, Any] | None:
+    """Flickr8k's 1000 test images as the cache holds them: features (M, N, D), references.
 
-    The test split's directory is the one whose image ids are those of the converted
-    dataset's test split (the val split also has 1000 images).
+    From CACHE (CAPTIONING_CACHE or outputs/cache): the converted dataset (flickr8k-*) for the
+    test split's image ids and reference captions, and the feature cache directory whose image
+    ids are exactly those (the val split also has 1000 images). None when either is missing.
     """
     import numpy as np
 
-    test_ids = None
-    for d in sorted(glob.glob(str(ROOT / "outputs" / "cache" / "flickr8k-*"))):
+    for d in sorted(glob.glob(str(CACHE / "flickr8k-*"))):
         try:
             import datasets
 
-            test_ids = list(datasets.load_from_disk(d)["test"]["image_id"])
+            test = datasets.load_from_disk(d)["test"]
+            ids, refs = list(test["image_id"]), list(test["captions"])
             break
         except Exception:  # a conversion still in progress, or another layout
             continue
-    for d in sorted(glob.glob(str(FEATURES / "efficientnet_lite2-*"))):
+    else:
+        return None
+    for d in sorted(glob.glob(str(FEATURES / "*"))):
         ids_file = Path(d) / "image_ids.json"
-        if not ids_file.is_file():
+        if not (ids_file.is_file() and (Path(d) / "features.npy").is_file()):
             continue
-        ids = json.loads(ids_file.read_text())
-        if len(ids) == 1000 and (test_ids is None or ids == test_ids):
+        if json.loads(ids_file.read_text()) == ids:
             feats = np.load(Path(d) / "features.npy", mmap_mode="r")
-            return torch.from_numpy(np.asarray(feats, dtype=np.float32)), d
+            return {
+                "feats": torch.from_numpy(np.asarray(feats, dtype=np.float32)),
+                "refs": refs,
+                "image_ids": ids,
+                "description": f"Flickr8k test split, features cached at {d}",
+            }
     return None
 
 
-def flickr8k_decoder(seed: int = 0):
-    """The trained flickr8k decoder if its checkpoint exists, else a random one of that size.
-
-    Returns (decoder in eval mode, vocab ids dict, description).
-    """
-    ckpts = sorted(glob.glob(str(CHECKPOINTS / "*.ckpt")), key=os.path.getmtime)
-    best = [c for c in ckpts if not c.endswith("last.ckpt")] or ckpts
-    if best:
+def flickr8k_decoder(ckpt: str | None = None, seed: int = 0):
+    """The decoder of checkpoint `ckpt` (or $BENCH_CKPT), else a random one of the flickr8k
+    experiment's size. Returns (decoder in eval mode, vocab ids dict, description, vocab)."""
+    ckpt = ckpt or os.environ.get("BENCH_CKPT") or None
+    if ckpt:
         from captioning.inference import load_model
 
-        cm = load_model(best[-1])
+        cm = load_model(ckpt)
         v = cm.vocab
         ids = {
             "start_id": v.start_id,
@@ -143,7 +162,7 @@ def flickr8k_decoder(seed: int = 0):
             "banned": v.banned(),
             "max_len": v.max_len,
         }
-        return cm.model.decoder.eval(), ids, f"trained checkpoint {best[-1]}"
+        return cm.model.decoder.eval(), ids, f"trained checkpoint {ckpt}", v
     from captioning.decoders import build_decoder
 
     torch.manual_seed(seed)
@@ -155,7 +174,11 @@ def flickr8k_decoder(seed: int = 0):
         **FLICKR8K_DECODER,
     )
     ids = {"start_id": 1, "end_id": 2, "pad_id": 0, "banned": (0, 1, 3), "max_len": 20}
-    return dec.eval(), ids, "randomly initialised decoder of the flickr8k experiment's size"
+    desc = (
+        "no checkpoint given (CKPT=...): a randomly initialised decoder of the flickr8k "
+        "experiment's size (speed does not depend on the weights; captions are not real)"
+    )
+    return dec.eval(), ids, desc, None
 
 
 def write_result(name: str, result: dict[str, Any], out: Path = OUT) -> Path:

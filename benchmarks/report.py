@@ -1,119 +1,229 @@
-"""Markdown tables from outputs/bench/*.json, into outputs/bench/README.md.
+"""Markdown tables from outputs/bench/*.json: outputs/bench/README.md, and docs/performance.md.
 
-Every row keeps the load average it was measured under (1-minute, from /proc/loadavg) and
-the command that reproduces it; numbers taken on a busy machine are upper bounds on time.
+    python benchmarks/report.py                              # outputs/bench/README.md
+    python benchmarks/report.py --docs docs/performance.md   # also the tables in the docs
+
+Every table says the machine it was measured on (CPU model, cores, flags, threads, torch), the
+date and the load average beside each number (1-minute, from /proc/loadavg: on a busy machine
+wall times are upper bounds, and CPU time moves less). `--docs` replaces what lies between the
+`<!-- bench:begin -->` and `<!-- bench:end -->` lines of the file, so the docs' tables are
+this output and nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from common import OUT
+from common import OUT, load
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
-def load(name: str) -> dict | None:
-    path = OUT / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def machine(r: dict) -> str:
+    hw = r["hardware"]
+    flags = ", ".join(hw.get("flags", [])) or "-"
+    gpu = f"; GPU {hw['cuda']}" if hw.get("cuda") else ""
+    return (
+        f"{hw['cpu']}, {hw['cores']} cores (flags: {flags}; bf16 units: "
+        f"{hw.get('bf16_units') or 'none'}), torch {hw['torch']}{gpu}; {hw.get('date', 'date ?')}"
+    )
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def load_s(x) -> str:
+    return "/".join(str(v) for v in x) if isinstance(x, list) else str(x)
+
+
+def roofline_table(lines: list[str]) -> None:
+    r = load("roofline")
+    if not r:
+        return
+    lines += [
+        "### This machine's limits (`benchmarks/roofline.py`)",
+        "",
+        f"Machine: {machine(r)}.",
+        "",
+        "| threads | fp32 matmul peak GFLOP/s (n); per CPU second | bf16 matmul peak GFLOP/s (n); "
+        "per CPU second | memory read GB/s | load |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for t, x in r["threads"].items():
+        f, b = x["fp32"], x["bf16"]
+        lines.append(
+            f"| {t} | {f['gflops']} ({f['n']}); {f.get('gflops_cpu', '-')} | {b['gflops']} "
+            f"({b['n']}); {b.get('gflops_cpu', '-')} | {x['read']['gb_s']} | "
+            f"{f['load_avg']}, {b['load_avg']} |"
+        )
+    lines += ["", f"`{r['command']}`", ""]
 
 
 def beam_tables(lines: list[str]) -> None:
-    runs = [r for k in (3, 5) if (r := load(f"beam_search_k{k}"))]
-    if not runs:
+    r = load("beam_search")
+    if not r or not r.get("runs"):
         return
     lines += [
-        "## Beam search: batched vs one image at a time",
+        "### Beam search, 1000 Flickr8k test images (`benchmarks/beam_search.py`)",
         "",
-        f"Decoder: {runs[0]['decoder']}. Features: {runs[0]['features']}. One thread.",
+        f"Machine: {machine(r)}. Decoder: {r['decoder']}. Features: {r['features']}.",
         "",
-        "| beam | images | one at a time, s wall (cpu) | batched, s wall (cpu) | speedup wall "
-        "(cpu) | same beams | 1-image latency ms, original / now | load |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "Seconds for all images (wall); in brackets GFLOP/s and the fraction of the matmul peak "
+        "of the same precision and thread count (roofline above), then the same per CPU second "
+        "of the process (against the peak per CPU second): on a busy machine wall time counts "
+        "the time others had the cores, CPU time does not. Speedups are wall time against one "
+        "image at a time, fp32, same beam and threads. Load: 1-minute load average "
+        "before/after.",
+        "",
+        "| beam | threads | GFLOP per image | one at a time | batched fp32 | batched bf16 | "
+        "batched fp32 vs one | bf16 vs one | identical beams, batched vs one | bf16 best "
+        "caption = fp32 | load (one; fp32; bf16) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in runs:
-        s, b, lat = r["one_at_a_time"], r["batched"], r["single_image_latency_ms"]
-        lines.append(
-            f"| {r['beam']} | {r['images']} | {s['wall_s']} ({s['cpu_s']}) | {b['wall_s']} "
-            f"({b['cpu_s']}) | **{r['speedup_wall']}x** ({r['speedup_cpu']}x) | "
-            f"{r['identical_all_beams']}/{r['images']} | {lat['reference_median']} / "
-            f"{lat['current_median']} | {b['load_avg']}, {s['load_avg']} |"
+
+    def cell(t: dict | None) -> str:
+        if not t:
+            return "-"
+        if "skipped" in t:
+            return "not run: no bf16 units"
+        return (
+            f"{t['wall_s']} s ({t['gflops']}, {pct(t.get('fraction_of_peak'))}; cpu "
+            f"{t['cpu_s']} s: {t['gflops_cpu']}, {pct(t.get('fraction_of_peak_cpu'))})"
         )
-    extra = []
-    for r in runs:
-        if "reference_batched" in r:
-            n = r["reference_batched"]
-            extra.append(
-                f"| {r['beam']} | original batched search (all 1000 at once) | "
-                f"{n['wall_s']} ({n['cpu_s']}) | {n['load_avg']} |"
-            )
-        if "bf16_batched" in r:
-            f = r["bf16_batched"]
-            extra.append(
-                f"| {r['beam']} | batched, bf16 autocast ({f['best_caption_same_as_fp32']}"
-                f"/{r['images']} best captions as fp32) | {f['wall_s']} ({f['cpu_s']}) | "
-                f"{f['load_avg']} |"
-            )
-    if extra:
+
+    for run in r["runs"]:
+        one, f, b = run.get("one_at_a_time"), run["fp32"], run["bf16"]
+        sp_f = f"**{one['wall_s'] / f['wall_s']:.1f}x**" if one else "-"
+        sp_b = f"**{one['wall_s'] / b['wall_s']:.1f}x**" if one and "wall_s" in b else "-"
+        same_b = f"{run['bf16_same_best_caption']}/{r['images']}"
+        if b.get("emulated"):
+            same_b += " (emulated)"
+        ident = f"{run['identical_all_beams']}/{r['images']}" if one else "-"
+        loads = "; ".join(
+            load_s(t["load_avg"]) if t and "load_avg" in t else "-" for t in (one, f, b)
+        )
+        lines.append(
+            f"| {run['beam']} | {run['threads']} | {run['gflop_per_image']} | {cell(one)} | "
+            f"{cell(f)} | {cell(b)} | {sp_f} | {sp_b} | {ident} | {same_b} | {loads} |"
+        )
+    scored = [run for run in r["runs"] if run.get("scores") and run["scores"]["fp32"]]
+    if scored:
         lines += [
             "",
-            "| beam | other variant | s wall (cpu) | load |",
-            "| --- | --- | --- | --- |",
-            *extra,
+            "Scores of the best captions (test split, coco-caption BLEU-4 and CIDEr-D), fp32 "
+            "against bf16:",
+            "",
+            "| beam | BLEU-4 fp32 | BLEU-4 bf16 | difference | CIDEr-D fp32 | CIDEr-D bf16 | "
+            "difference |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-    lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in runs), ""]
-    for k in (3, 5):
-        sweep = load(f"beam_search_chunks_k{k}")
-        if sweep:
-            lines += [
-                f"Chunk size, beam {k}, {sweep['images']} images (ms per image, cpu / wall, load):",
-                "",
-                "| chunk | " + " | ".join(sweep["chunk_sweep"]) + " |",
-                "| --- |" + " --- |" * len(sweep["chunk_sweep"]),
-                "| ms | "
-                + " | ".join(
-                    f"{v['ms_per_image_cpu']} / {v['ms_per_image_wall']} ({v['load_avg']})"
-                    for v in sweep["chunk_sweep"].values()
-                )
-                + " |",
-                "",
-                f"`{sweep['command']}`",
-                "",
-            ]
+        for run in scored:
+            f, b = run["scores"]["fp32"], run["scores"]["bf16"]
+            lines.append(
+                f"| {run['beam']} | {f['bleu4']} | {b['bleu4']} | {b['bleu4'] - f['bleu4']:+.4f} | "
+                f"{f['cider']} | {b['cider']} | {b['cider'] - f['cider']:+.4f} |"
+            )
+    roof = load("roofline")
+    goal = []
+    for run in r["runs"]:
+        one = run.get("one_at_a_time")
+        peak = roof and roof["threads"].get(str(run["threads"]))
+        if not one or not peak:
+            continue
+        need = run["gflop_per_image"] * r["images"] / (one["wall_s"] / 10)  # GFLOP/s for 10x
+        best = max(
+            (t for t in (run["fp32"], run["bf16"]) if "gflops" in t), key=lambda t: t["gflops"]
+        )
+        goal.append(
+            f"| {run['beam']} | {run['threads']} | {need:.0f} | {need / peak['fp32']['gflops']:.0%} "
+            f"| {need / peak['bf16']['gflops']:.0%} | {best['gflops'] / need:.0%} |"
+        )
+    if goal:
+        lines += [
+            "",
+            "The 10x goal against one image at a time, as a roofline: the GFLOP/s that batched "
+            "search would need, against this machine's matmul peaks (a fraction over 100% "
+            "cannot be reached in that precision), and how far the best batched run got:",
+            "",
+            "| beam | threads | GFLOP/s for 10x | of fp32 peak | of bf16 peak | best batched "
+            "reached |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *goal,
+        ]
+    abl = [run for run in r["runs"] if "bf16_logits_same_best_caption" in run]
+    if abl:
+        lines += [
+            "",
+            "Why bf16 decoding keeps the output layer in fp32: with bf16 logits too (emulated), "
+            "the best caption equals fp32's for "
+            + ", ".join(
+                f"{run['bf16_logits_same_best_caption']}/{r['images']} images at beam {run['beam']}"
+                for run in abl
+            )
+            + ".",
+        ]
+    lat = [run for run in r["runs"] if "single_image_latency_ms" in run]
+    for run in lat:
+        x = run["single_image_latency_ms"]
+        lines += [
+            "",
+            f"One image alone, beam {run['beam']}, 1 thread (what the web app's decoder pays; "
+            f"median of {x['images']}): {x['current_median']} ms, against "
+            f"{x['reference_median']} ms for the batched search this project started with "
+            f"(load {x['load_avg']}).",
+        ]
+    lines += ["", f"`{r['command']}`", ""]
 
 
 def train_table(lines: list[str]) -> None:
-    for name in ("train_step", "train_step_r10", "train_step_2threads", "train_step_compile"):
-        if r := load(name):
-            train_rows(lines, r)
-
-
-def train_rows(lines: list[str], r: dict) -> None:
+    r = load("train_step")
+    if not r:
+        return
     threads = r.get("threads", r["hardware"]["torch_threads"])
     lines += [
-        f"## Training step of the attention decoder (CPU, {threads} thread(s), fp32 unless named)",
+        "### Training step from cached features (`benchmarks/train_step.py`)",
         "",
-        f"Batch {r['batch']}, captions: {r.get('captions', r.get('caption_lengths'))} (real "
-        f"targets: "
-        f"{r['real_target_fraction']:.0%} of the padded batch). One step = forward, loss, "
+        f"Machine: {machine(r)}; {threads} thread(s). Batch {r['batch']}; captions: "
+        f"{r['captions']} (real targets {r['real_target_fraction']:.0%} of the padded batch); "
+        f"{r['gflop_per_step']} GFLOP per step (forward + backward). One step = forward, loss, "
         "backward, AdamW.",
         "",
-        "| variant | captions/s cpu (wall) | step ms cpu (wall) | vs stepwise cpu (wall) | "
-        "max loss diff vs stepwise | load |",
+        "| variant | captions/s wall (cpu) | GFLOP/s (fraction of peak); per CPU second | vs "
+        "stepwise wall (cpu) | loss vs stepwise, fp32 | load |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     eq = r.get("equality_vs_stepwise_fp32", {})
+    load_timed = r.get("load_avg_timed", r.get("load_avg_end"))
     for v, x in r["variants"].items():
         diff = eq.get(v.replace(" bf16", "").replace(" compiled", ""), {}).get("loss_diff")
         diff_s = "-" if v == "stepwise" or diff is None or " bf16" in v else f"{diff:.1e}"
         lines.append(
-            f"| {v} | {x['captions_per_s_cpu']} ({x['captions_per_s_wall']}) | {x['step_ms_cpu']} "
-            f"({x['step_ms_wall']}) | **{x['speedup_cpu']}x** ({x['speedup_wall']}x) | {diff_s} | "
-            f"{r['load_avg_end']} |"
+            f"| {v} | {x['captions_per_s_wall']} ({x['captions_per_s_cpu']}) | {x['gflops']} "
+            f"({pct(x.get('fraction_of_peak'))}); {x.get('gflops_cpu', '-')} "
+            f"({pct(x.get('fraction_of_peak_cpu'))}) | **{x['speedup_wall']}x** "
+            f"({x['speedup_cpu']}x) "
+            f"| {diff_s} | {load_timed} |"
         )
-    if "compile_s" in r:
-        lines += ["", f"compile_step(): {r['compile_s']} s to compile (first step)."]
+    if "bf16_skipped" in r:
+        lines += ["", f"bf16: {r['bf16_skipped']}."]
+    c = r.get("curve")
+    if c and "skipped" not in c:
+        g, n = c["bf16_vs_fp32"], c["noise_fp32_dropout_seeds"]
+        lines += [
+            "",
+            f"Loss curves, {c['steps']} steps from the same weights and batches (load "
+            f"{c['load_avg']}): bf16 against fp32, mean |difference| {g['mean_abs']}, largest "
+            f"{g['max_abs']}, last tenth's means {g['last_mean_diff']} apart; two fp32 runs with "
+            f"other dropout draws (the noise): {n['mean_abs']}, {n['max_abs']}, "
+            f"{n['last_mean_diff']}. First and last loss: "
+            + ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in c["first_last"].items())
+            + ".",
+        ]
+    elif c:
+        lines += ["", f"Loss curves: {c['skipped']}."]
     lines += ["", f"`{r['command']}`", ""]
 
 
@@ -129,11 +239,11 @@ def memory_table(lines: list[str]) -> None:
     if not runs:
         return
     lines += [
-        "## Resident memory, CPU training from the memory-mapped cache",
+        "### Resident memory, CPU training from the memory-mapped cache (`benchmarks/memory.py`)",
         "",
-        "MiB. anon = anonymous memory (what the process itself holds), file = mapped pages of "
-        "the cache (page cache: shared, reclaimable). Workers: 2. Last loader sample, then peak "
-        "(VmHWM) of the main process after the training steps.",
+        f"Machine: {machine(runs[0][1])}. MiB. anon = anonymous memory (what the process itself "
+        "holds), file = mapped pages of the cache (page cache: shared, reclaimable). Workers: 2. "
+        "Last loader sample, then peak (VmHWM) of the main process after the training steps.",
         "",
         "| cache | images / captions | file GB (on disk) | dataset | malloc | main anon / file | "
         "each worker anon / file | main peak RSS training | load |",
@@ -145,10 +255,11 @@ def memory_table(lines: list[str]) -> None:
         w = ", ".join(f"{x['RssAnon']:.0f} / {x['RssFile']:.0f}" for x in last["workers"])
         peak = r.get("train", {}).get("main", {}).get("VmHWM", "-")
         size = r.get("size") or ("coco" if r["images"] > 10000 else "flickr8k")
+        kind = "real" if str(r.get("cache", "")).startswith("real") else "sparse"
         malloc = "fixed" if "131072" in str(r.get("malloc_mmap_threshold", "")) else "default"
         dataset = r.get("captions_dataset", "CaptionDataset")
         lines.append(
-            f"| {size} | {r['images']} / {r['captions']} | {r['cache_bytes'] / 1e9:.1f} "
+            f"| {size} ({kind}) | {r['images']} / {r['captions']} | {r['cache_bytes'] / 1e9:.1f} "
             f"({r['cache_bytes_on_disk'] / 1e9:.1f}) | {dataset} | {malloc} | "
             f"{m['RssAnon']:.0f} / {m['RssFile']:.0f} | {w} | {peak} | {r.get('load_avg', '-')} |"
         )
@@ -163,46 +274,58 @@ def gpu_table(lines: list[str]) -> None:
     r = load("gpu_train")
     if not r:
         return
-    lines += ["## GPU training: ResNet-101 + attention decoder, batch 64", ""]
+    lines += ["### GPU training: ResNet-101 + attention decoder, batch 64", ""]
     if "skipped" in r:
-        lines += [f"Not measured: {r['skipped']}. Run `{r['command']}` on a CUDA machine.", ""]
+        lines += [
+            f"Not measured on {r['hardware']['cpu']} ({r['hardware'].get('date', '')}): "
+            f"{r['skipped']}. Run `{r['command']}` on a CUDA machine.",
+            "",
+        ]
         return
     lines += [
+        f"Machine: {machine(r)}: a different machine from the CPU tables above.",
+        "",
         "| precision | images/s | step ms | peak GPU memory GiB |",
         "| --- | --- | --- | --- |",
     ]
     for k, x in r["runs"].items():
         lines.append(f"| {k} | {x['images_per_s']} | {x['step_ms']} | {x['peak_memory_gib']} |")
-    lines += ["", f"{r['hardware']['cuda']}. `{r['command']}`", ""]
+    lines += ["", f"`{r['command']}`", ""]
 
 
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    hw = next(
-        (
-            r["hardware"]
-            for n in ("beam_search_k3", "train_step", "memory_flickr8k")
-            if (r := load(n))
-        ),
-        None,
-    )
-    lines = ["# Benchmarks", ""]
-    if hw:
-        lines += [
-            f"CPU: {hw['cpu']}, {hw['cores']} cores (avx512_bf16: {hw['avx512_bf16']}, "
-            f"AMX: {hw['amx_bf16']}); torch {hw['torch']}; GPU: {hw['cuda'] or 'none'}.",
-            "Shared machine: the load column is the 1-minute load average during the run; "
-            "times under load are upper bounds, CPU time (cpu) moves less than wall time.",
-            "",
-        ]
+def tables() -> list[str]:
+    lines: list[str] = []
+    roofline_table(lines)
     beam_tables(lines)
     train_table(lines)
     memory_table(lines)
     gpu_table(lines)
+    return lines
+
+
+def splice(path: Path, lines: list[str]) -> None:
+    """Replace the lines between BEGIN and END in `path` with `lines`."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(head + BEGIN + "\n" + "\n".join(lines).rstrip() + "\n" + END + tail)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--docs", default=None, help="a Markdown file with a bench:begin/end block")
+    a = p.parse_args()
+    lines = tables()
     out = OUT / "README.md"
-    out.write_text("\n".join(lines) + "\n")
+    OUT.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(["# Benchmarks", "", *lines]) + "\n")
     print("\n".join(lines))
     print(out, file=sys.stderr)
+    if a.docs:
+        splice(Path(a.docs), lines)
+        print(a.docs, file=sys.stderr)
 
 
 if __name__ == "__main__":

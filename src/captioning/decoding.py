@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import precision as _precision
 from .decoders import Decoder
 
 
@@ -32,6 +33,7 @@ class DecodeConfig:
     length_penalty: float = 1.0  # beams ranked by log-probability / length**length_penalty
     allow_unk: bool = False  # never generate <unk> unless allowed
     no_repeat_ngram: int = 0  # n > 0: no caption repeats one of its n-grams
+    precision: str = "auto"  # beam search's matmuls: auto (bf16 on CPUs with AMX) | fp32 | bf16
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None) -> "DecodeConfig":
@@ -43,6 +45,7 @@ class DecodeConfig:
             length_penalty=float(cfg.get("length_penalty", 1.0)),
             allow_unk=bool(cfg.get("allow_unk", False)),
             no_repeat_ngram=int(cfg.get("no_repeat_ngram") or 0),
+            precision=str(cfg.get("precision") or "auto"),
         )
 
 
@@ -151,6 +154,7 @@ def beam_search(
     banned: tuple[int, ...] = (),
     chunk_size: int = CHUNK_SIZE,
     no_repeat_ngram: int = 0,
+    precision: str = "fp32",
 ) -> list[list[Hypothesis]]:
     """Beam search for a batch of images at once; returns each image's beams, best first.
 
@@ -164,23 +168,26 @@ def beam_search(
     once per image, since all its beams are still the same.
 
     With `no_repeat_ngram` n > 0, no beam repeats one of its n-grams (`block_repeated_ngrams`).
+    `precision` (auto | fp32 | bf16, see `captioning.precision`): the dtype of the step's
+    matmuls; auto is bf16 on CPUs with AMX, else fp32.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     out: list[list[Hypothesis]] = []
-    for s in range(0, feats.size(0), chunk_size):
-        out += _beam_chunk(
-            decoder,
-            feats[s : s + chunk_size],
-            beam_size,
-            start_id,
-            end_id,
-            pad_id,
-            max_len,
-            length_penalty,
-            banned,
-            no_repeat_ngram,
-        )
+    with _precision.use(_precision.resolve(precision, feats.device)):
+        for s in range(0, feats.size(0), chunk_size):
+            out += _beam_chunk(
+                decoder,
+                feats[s : s + chunk_size],
+                beam_size,
+                start_id,
+                end_id,
+                pad_id,
+                max_len,
+                length_penalty,
+                banned,
+                no_repeat_ngram,
+            )
     return out
 
 
@@ -337,15 +344,18 @@ def generate(
     banned: tuple[int, ...] = (),
     chunk_size: int = CHUNK_SIZE,
     no_repeat_ngram: int = 0,
+    precision: str = "fp32",
 ) -> list[list[Hypothesis]]:
     """Captions for a batch of region features: greedy for beam 1, else beam search.
 
-    `no_repeat_ngram` n > 0: no caption repeats one of its n-grams (0: off).
+    `no_repeat_ngram` n > 0: no caption repeats one of its n-grams (0: off). `precision`
+    applies to beam search (greedy decoding runs in fp32).
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if no_repeat_ngram < 0:
         raise ValueError(f"no_repeat_ngram must be >= 0 (0: off), got {no_repeat_ngram}")
+    _precision.resolve(precision, feats.device)  # a bad value fails for greedy too
     if beam_size == 1:
         hyps = greedy_search(
             decoder,
@@ -369,6 +379,7 @@ def generate(
         banned=banned,
         chunk_size=chunk_size,
         no_repeat_ngram=no_repeat_ngram,
+        precision=precision,
     )
 
 

@@ -54,6 +54,7 @@ class Captioner(nn.Module):
             length_penalty=decode.length_penalty,
             banned=vocab.banned(decode.allow_unk),
             no_repeat_ngram=decode.no_repeat_ngram,
+            precision=decode.precision,
         )
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import precision
 from ._kernels import attention_energies, deferred_linear, fast_tanh, lstm_ifog
 from .base import (
     DECODERS,
@@ -110,7 +111,7 @@ class SoftAttentionDecoder(Decoder):
             x = self.dropout(emb + self.out_h(h) + self.out_z(context))
         else:
             x = self.dropout(h)
-        return self.fc(x) if fc is None else F.linear(x, *fc)[..., : self.vocab_size]
+        return self.fc(x) if fc is None else precision.linear(x, *fc)[..., : self.vocab_size]
 
     def _advance(self, tokens: Tensor, state: State, context: Tensor, alpha: Tensor):
         """The LSTM and output layer of `step`, given the step's (gated) context."""
@@ -126,7 +127,8 @@ class SoftAttentionDecoder(Decoder):
         """`step` with the rows of an image (its beams) attending to its one copy of the memory.
 
         Without autograd (beam search), the weights are regrouped as in training (see
-        `_inference_weights`); with it, the step stays the plain, differentiable one.
+        `_inference_weights`), in the matmul dtype of `precision.use` (fp32 unless bf16 is
+        asked for); with autograd, the step stays the plain, differentiable one.
         """
         h, c = state  # (R, H) each
         feats, feats_proj = memory  # (B, N, D), (B, N, A)
@@ -134,13 +136,15 @@ class SoftAttentionDecoder(Decoder):
             d = self.attention.decoder_att(h)  # (R, A)
             alpha, context = self.attention.grouped(feats, feats_proj, d, group)
             return self._advance(tokens, state, self._gated(h, context), alpha)
-        emb_gates, w_h, b_h, fc = self._inference_weights()
-        d, *beta, hh = F.linear(h, w_h, b_h).split(self._h_split, dim=1)  # (R, A), .., (R, 4H)
+        emb_gates, w_h, b_h, w_ctx, fc = self._inference_weights(precision.matmul_dtype())
+        d, *beta, hh = precision.linear(h, w_h, b_h).split(self._h_split, dim=1)  # (R, A),..
         alpha, context = self.attention.grouped(feats, feats_proj, d, group)  # (R, N), (R, D)
         if beta:
             context = torch.sigmoid(beta[0]) * context
-        w_ctx = self.lstm.weight_ih[:, self.embed_dim :]  # (4H, D), a view: no copy
-        gates = torch.addmm(emb_gates[tokens] + hh, context, w_ctx.t())  # (R, 4H): i, f, g, o
+        if w_ctx.dtype == torch.float32:
+            gates = torch.addmm(emb_gates[tokens] + hh, context, w_ctx.t())  # (R, 4H): i, f, g, o
+        else:  # the sum in fp32: only the matmul rounds
+            gates = emb_gates[tokens] + hh + precision.linear(context, w_ctx)
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -149,14 +153,18 @@ class SoftAttentionDecoder(Decoder):
 
     _inference_cache: tuple | None = None  # (key, tensors): derived weights, not in state dict
 
-    def _inference_weights(self) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """Weights regrouped for decoding, recomputed only when a parameter changes.
+    def _inference_weights(
+        self, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """Weights regrouped for decoding, recomputed only when a parameter or `dtype` changes.
 
         emb_gates (V, 4H): the embedding half of the LSTM gates for every word, with both
         biases, so a step looks its rows up instead of multiplying by that half of weight_ih;
         w_h (A [+ D] + 4H, H) and b_h: decoder_att, f_beta and weight_hh as one matmul on h;
-        the output layer with zero rows up to a multiple of 16 words: MKL's matmul runs 1.6x
-        faster with 2544 output columns than with 2543.
+        w_ctx (4H, D): the context half of weight_ih; the output layer with zero rows up to a
+        multiple of 16 words: MKL's matmul runs 1.6x faster with 2544 output columns than
+        with 2543. With `dtype` bf16, w_h, b_h and w_ctx are cast once, here; the output layer
+        stays fp32 (see `captioning.precision`).
         """
         att, lstm, fc = self.attention.decoder_att, self.lstm, self.fc
         parts = [
@@ -172,7 +180,8 @@ class SoftAttentionDecoder(Decoder):
             fc.weight,
             fc.bias,
         ]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts) + (self.gate,)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parts)
+        key += (self.gate, dtype)
         if self._inference_cache is None or self._inference_cache[0] != key:
             with torch.no_grad():
                 E = self.embed_dim
@@ -183,7 +192,10 @@ class SoftAttentionDecoder(Decoder):
                 pad = -fc.out_features % 16
                 fc_w = torch.cat([fc.weight, fc.weight.new_zeros(pad, fc.in_features)])
                 fc_b = torch.cat([fc.bias, fc.bias.new_zeros(pad)])
-            self._inference_cache = (key, (emb_gates, w_h, b_h, (fc_w, fc_b)))
+                w_ctx = lstm.weight_ih[:, E:]  # (4H, D), a view: no copy in fp32
+                if dtype != torch.float32:
+                    w_h, b_h, w_ctx = (x.to(dtype).contiguous() for x in (w_h, b_h, w_ctx))
+            self._inference_cache = (key, (emb_gates, w_h, b_h, w_ctx, (fc_w, fc_b)))
         return self._inference_cache[1]
 
     # -- teacher forcing, fast ---------------------------------------------------------------
