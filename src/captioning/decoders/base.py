@@ -148,6 +148,26 @@ class Attention(nn.Module):
         return torch.cat(alphas), torch.cat(contexts)
 
 
+def unpack_steps(
+    logits: Tensor, alphas: Tensor, order: Tensor | None, alive: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The fast teacher-forced path's packed outputs back to (B, T, V) and (B, T, N).
+
+    logits (P, V) and alphas (P, N) hold the computed steps in (T, B) order, rows sorted by
+    `order` (B,) when lengths were given (`order` None: every step of every row, a transpose
+    away); `alive` (T, B) marks the computed steps. Steps past a row's length are zeros.
+    """
+    T, B = alive.shape
+    if order is None:
+        return logits.view(T, B, -1).transpose(0, 1), alphas.view(T, B, -1).transpose(0, 1)
+    rows = order.expand(T, B)[alive]  # (P,) input row of each packed entry
+    at = torch.arange(T, device=alive.device).unsqueeze(1).expand(T, B)[alive]  # (P,) its step
+    # In place into fresh zeros: the out-of-place index_put would copy the (B, T, V) zeros.
+    logits_t = logits.new_zeros(B, T, logits.size(1)).index_put_((rows, at), logits)
+    alphas_t = alphas.new_zeros(B, T, alphas.size(1)).index_put_((rows, at), alphas)
+    return logits_t, alphas_t
+
+
 def doubly_stochastic(alphas: Tensor, mask: Tensor, weight: float) -> Tensor:
     """Xu et al.'s attention regulariser: every region should get about one unit of attention
     over the caption; alphas (B, T, N), mask (B, T), so padding steps do not count."""

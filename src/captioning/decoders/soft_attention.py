@@ -22,6 +22,7 @@ from .base import (
     State,
     check_dropout,
     doubly_stochastic,
+    unpack_steps,
 )
 
 
@@ -338,15 +339,7 @@ class SoftAttentionDecoder(Decoder):
             alphas.append(alpha)
         # The output layer runs once over all computed steps rather than T times.
         logits = self._logits(torch.cat(hs), emb, torch.cat(contexts))  # (P, V)
-        alphas_p = torch.cat(alphas)  # (P, N)
-        if lengths is None:  # every step of every row: (T, B) order, a transpose away
-            return logits.view(T, B, -1).transpose(0, 1), alphas_p.view(T, B, -1).transpose(0, 1)
-        rows = order.expand(T, B)[alive]  # (P,) input row of each packed entry
-        at = steps.unsqueeze(1).expand(T, B)[alive]  # (P,) its step
-        # In place into fresh zeros: the out-of-place index_put would copy the (B, T, V) zeros.
-        logits = logits.new_zeros(B, T, logits.size(1)).index_put_((rows, at), logits)  # (B,T,V)
-        alphas_t = alphas_p.new_zeros(B, T, alphas_p.size(1)).index_put_((rows, at), alphas_p)
-        return logits, alphas_t
+        return unpack_steps(logits, torch.cat(alphas), None if lengths is None else order, alive)
 
     def regularizer(self, alphas: Tensor | None, mask: Tensor) -> Tensor:
         """Doubly stochastic attention: every region should get about one unit of attention."""

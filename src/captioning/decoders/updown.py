@@ -32,6 +32,7 @@ from .base import (
     State,
     check_dropout,
     doubly_stochastic,
+    unpack_steps,
 )
 
 
@@ -203,14 +204,7 @@ class UpDownDecoder(Decoder):
             hs.append(h2)
             alphas.append(alpha)
         logits = self.fc(self.dropout(torch.cat(hs)))  # (P, V): the output layer once
-        alphas_p = torch.cat(alphas)  # (P, N)
-        if lengths is None:  # every step of every row: (T, B) order, a transpose away
-            return logits.view(T, B, -1).transpose(0, 1), alphas_p.view(T, B, -1).transpose(0, 1)
-        rows = order.expand(T, B)[alive]  # (P,) input row of each packed entry
-        at = steps.unsqueeze(1).expand(T, B)[alive]  # (P,) its step
-        logits = logits.new_zeros(B, T, logits.size(1)).index_put_((rows, at), logits)  # (B,T,V)
-        alphas_t = alphas_p.new_zeros(B, T, alphas_p.size(1)).index_put_((rows, at), alphas_p)
-        return logits, alphas_t
+        return unpack_steps(logits, torch.cat(alphas), None if lengths is None else order, alive)
 
     def regularizer(self, alphas: Tensor | None, mask: Tensor) -> Tensor:
         """Doubly stochastic attention (off by default: Up-Down does not use it)."""
