@@ -32,3 +32,13 @@ def test_second_writer_keeps_the_first_copy(tmp_path: Path) -> None:
         (first / "data.txt").write_text("first")
     assert (target / "data.txt").read_text() == "second"  # finished first, so it stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["splits"]
+
+
+def test_atomic_write_text_replaces_whole_and_leaves_no_temporary(tmp_path):
+    from captioning.fsutil import atomic_write_text
+
+    path = tmp_path / "run_info.json"
+    atomic_write_text(path, "old")
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_info.json"]

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .encoders import Encoder
 from .errors import DataError
+from .fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,7 @@ def _ids_digest(image_ids: list[str]) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)  # atomic: a reader sees the old manifest or the new one
+    atomic_write_text(path, json.dumps(data))  # a reader sees the old manifest or the new one
 
 
 @contextmanager

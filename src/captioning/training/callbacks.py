@@ -7,7 +7,6 @@ Letters: B images, N regions, L generated words.
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ..fsutil import atomic_write_text
 from .wandb_log import wandb_run_info
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,5 @@ class RunInfo(Callback):
         }
         path = Path(self.path or Path(trainer.default_root_dir) / "run_info.json")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, path)  # a report reading it mid-run never sees half a file
+        # a report reading it mid-run never sees half a file
+        atomic_write_text(path, json.dumps(info, indent=2))
