@@ -337,15 +337,17 @@ def test_nan_loss_skipped_under_skip_policy(tmp_path, data_cache, monkeypatch):
 
     calls = nan_loss_at(monkeypatch, step=3)
     cfg = tiny(tmp_path, data_cache, "nan_policy=skip", "test=false")
+    from captioning.training import setup
+
     guards = []
-    real = train_script.instantiate_all
+    real = setup.instantiate_all
 
     def spy(cfg):
         trainer, callbacks = real(cfg)
         guards.append(callbacks["nan_guard"])
         return trainer, callbacks
 
-    monkeypatch.setattr(train_script, "instantiate_all", spy)
+    monkeypatch.setattr(setup, "instantiate_all", spy)
     best = train_script.train(cfg)
     assert guards[0].skipped == 1 and 3 in calls
     assert best is not None and math.isfinite(best)
