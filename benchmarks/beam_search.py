@@ -183,7 +183,11 @@ def main() -> None:
         torch.set_num_threads(threads)
         peak = peaks(threads)
         for K in [int(x) for x in a.beams.split(",")]:
-            run = {"beam": K, "threads": threads}
+            run = {
+                "beam": K,
+                "threads": threads,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            }
             kwk = {**kw, "beam_size": K, "chunk_size": a.chunk}
             beam_search(dec, feats[: a.chunk], **kwk)  # warm-up
             counter.take()
