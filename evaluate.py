@@ -9,23 +9,24 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from captioning.cli import run_safely
-from captioning.datamodule import CaptionDataModule
+from captioning.decoding import DecodeConfig
 from captioning.evaluation import caption_dataset, caption_stats, summary, write_report
-from captioning.inference import load_model
+from captioning.inference import load_model, resolve_device
+from captioning.meteor import require_meteor
 from captioning.metrics import score_corpus
+from captioning.training.datamodule import CaptionDataModule
 
 log = logging.getLogger("evaluate")
 
 
 def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
-    device = (
-        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    # before the model is loaded and the split captioned: demanded METEOR must be able to run
+    meteor = require_meteor(cfg.decode.get("meteor"), "decode.meteor")
+    device = resolve_device(cfg.device)
     ckpt = cfg.ckpt_path
     ckpt = [str(p) for p in ckpt] if OmegaConf.is_list(ckpt) else str(ckpt)  # a list: an ensemble
     cm = load_model(ckpt, device=device)
@@ -44,13 +45,9 @@ def evaluate(cfg: DictConfig) -> dict:
         cm,
         dataset,
         batch_size=batch_size,
-        beam_size=d.beam_size,
-        max_len=d.max_len,
-        length_penalty=d.length_penalty,
-        allow_unk=bool(d.get("allow_unk", False)),
-        precision=str(d.get("precision", "auto")),
+        decode=DecodeConfig.from_dict(d),
     )
-    scores = score_corpus(preds, refs, meteor=bool(d.meteor), per_image=True)
+    scores = score_corpus(preds, refs, meteor=meteor, per_image=True)
     per_image = scores.pop("per_image")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "predictions.json").write_text(
@@ -68,7 +65,17 @@ def evaluate(cfg: DictConfig) -> dict:
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
     if cfg.report:
         path = write_report(
-            run_dir, cm, dataset, preds, refs, hyps, per_image, n=int(cfg.report_examples)
+            run_dir,
+            cm,
+            dataset,
+            preds,
+            refs,
+            hyps,
+            per_image,
+            n=int(cfg.report_examples),
+            scores=scores,
+            decode=out["decode"],
+            split=cfg.split,
         )
         log.info("report: %s", path)
     print(json.dumps({cfg.split: summary(scores)}, indent=2))

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from captioning.datamodule import CaptionDataModule
 from captioning.decoders import build_decoder
 from captioning.encoders import build_encoder
+from captioning.training.datamodule import CaptionDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR8K = Path(os.environ.get("FLICKR8K_ROOT", ROOT.parent / "shared" / "data" / "flickr8k"))
@@ -59,12 +59,12 @@ def time_steps(dm: CaptionDataModule, encoder, decoder, batches: int) -> float:
     for i in range(batches + 1):
         t0 = time.perf_counter()
         batch = next(it)
-        if "feats" in batch:
-            feats = batch["feats"]
+        if batch.feats is not None:
+            feats = batch.feats
         else:
             with torch.no_grad():
-                feats = encoder(batch["images"])
-        caps = batch["captions"]
+                feats = encoder(batch.images)
+        caps = batch.captions
         lengths = (caps[:, 1:] != 0).sum(1)  # as the LightningModule trains: no padding steps
         logits, alphas = decoder(feats, caps[:, :-1], lengths=lengths)
         loss = F.cross_entropy(logits.flatten(0, 1), caps[:, 1:].flatten(), ignore_index=0)

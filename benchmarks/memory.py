@@ -109,7 +109,7 @@ def child(a: argparse.Namespace) -> None:
     from datasets import Dataset
     from torch.utils.data import DataLoader
 
-    from captioning.datamodule import CaptionDataset, collate
+    from captioning.data.dataset import CaptionDataset, collate
     from captioning.decoders import build_decoder
     from captioning.encoders import Preprocess
     from captioning.features import load_features
@@ -161,7 +161,7 @@ def child(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     for i in range(a.batches):
         batch = next(it)
-        touched += batch["feats"].size(0)
+        touched += batch.feats.size(0)
         if i % max(1, a.batches // 8) == 0 or i == a.batches - 1:
             workers = [proc_memory(w.pid) for w in getattr(it, "_workers", [])]
             samples.append({"batches": i + 1, "main": proc_memory(), "workers": workers})
@@ -185,9 +185,9 @@ def child(a: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         for _ in range(a.train_steps):
             batch = next(it)
-            caps = batch["captions"]
+            caps = batch.captions
             inputs, targets = caps[:, :-1], caps[:, 1:]
-            logits, alphas = dec(batch["feats"], inputs, lengths=(targets != 0).sum(1))
+            logits, alphas = dec(batch.feats, inputs, lengths=(targets != 0).sum(1))
             ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)
             loss = ce + dec.regularizer(alphas, (targets != 0).float())
             opt.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """Shared fixtures: compose the real Hydra configs into tmp_path, locate ../shared."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,8 @@ def module_and_data(cfg, cache: Path):
     """The LightningModule and DataModule that train.py builds from `cfg` (untrained)."""
     from omegaconf import OmegaConf
 
-    from captioning.datamodule import CaptionDataModule
-    from captioning.lit_module import CaptioningModule
+    from captioning.training.datamodule import CaptionDataModule
+    from captioning.training.lit_module import CaptioningModule
 
     part = {
         k: OmegaConf.to_container(cfg[k], resolve=True)
@@ -70,4 +71,23 @@ def shared_data() -> Path:
     path = SHARED / "data"
     if not path.is_dir():
         pytest.skip("../shared/data is not present")
+    return path
+
+
+def path_without_java(tmp_path: Path) -> str:
+    """os.environ's PATH with `java` gone: a folder holding one is replaced by a folder of links
+    to its other programs, so everything else (git, compilers) is still found."""
+    parts = []
+    for i, folder in enumerate(os.environ.get("PATH", "").split(os.pathsep)):
+        if not folder or not (Path(folder) / "java").exists():
+            parts.append(folder)
+            continue
+        shadow = tmp_path / f"bin{i}"
+        shadow.mkdir()
+        for entry in Path(folder).iterdir():
+            if entry.name != "java":
+                (shadow / entry.name).symlink_to(entry)
+        parts.append(str(shadow))
+    path = os.pathsep.join(parts)
+    assert shutil.which("java", path=path) is None
     return path

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import re
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
@@ -23,7 +27,13 @@ import pytest
 from PIL import Image
 
 from captioning.app.server import create_app
-from captioning.app.service import CaptionService, Limits, newest_checkpoint
+from captioning.app.service import (
+    CaptionService,
+    Limits,
+    jpeg_damage,
+    length_warning,
+    newest_checkpoint,
+)
 from conftest import ROOT, compose_cfg
 
 sys.path.insert(0, str(ROOT))  # for train.py
@@ -55,7 +65,9 @@ def tiny_ckpt(tmp_path_factory, data_cache) -> Path:
 
 @pytest.fixture(scope="module")
 def service(tiny_ckpt) -> CaptionService:
-    return CaptionService(tiny_ckpt)
+    svc = CaptionService(tiny_ckpt)
+    yield svc
+    svc.close()
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +127,16 @@ def zip_bytes() -> bytes:
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("photo.jpg", encode(scene(), "JPEG"))
     return buf.getvalue()
+
+
+def damaged_jpeg(progressive: bool = False) -> bytes:
+    """A 640x480 photo-like JPEG with 2 KB zeroed in the middle: Pillow decodes it silently."""
+    rng = np.random.default_rng(0)
+    a = np.linspace(0, 215, 640, dtype=np.float32)[None, :, None] + rng.integers(0, 40, (480, 1, 3))
+    data = bytearray(encode(Image.fromarray(a.astype(np.uint8)), "JPEG", progressive=progressive))
+    middle = len(data) // 2
+    data[middle : middle + 2048] = bytes(2048)
+    return bytes(data)
 
 
 GOOD = {
@@ -184,6 +206,22 @@ def test_openapi_and_docs(client):
     assert body["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
     assert "CaptionResponse" in spec["components"]["schemas"]
     assert client.get("/docs").status_code == 200
+
+
+def test_api_docs_need_no_network(client):
+    """Swagger UI comes from an installed package, not a CDN, so /docs works offline."""
+    html = client.get("/docs")
+    assert html.status_code == 200
+    assert "http://" not in html.text and "https://" not in html.text, html.text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+    assert any(a.endswith(".js") for a in assets)
+    for asset in assets:
+        r = client.get(asset)
+        assert r.status_code == 200, asset
+        assert len(r.content) > 1000 or asset.endswith(".png"), asset
+    # ReDoc's page fetches a logo from its vendor's CDN: /redoc leads to /docs instead.
+    r = client.get("/redoc", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == "/docs"
 
 
 def test_page_and_its_assets(client):
@@ -257,6 +295,46 @@ def test_hostile_uploads_get_a_clear_4xx(client, name):
     assert words.lower() in detail.lower()
 
 
+@pytest.mark.parametrize("progressive", [False, True])
+def test_damaged_jpeg_is_captioned_with_a_warning(client, progressive):
+    """A user would rather have a caption and a word of warning than nothing: most of a damaged
+    photo is still there (the browser shows it, grey blocks and all)."""
+    r = post(client, damaged_jpeg(progressive), name="damaged.jpg")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["caption"]
+    damage = [w for w in body["warnings"] if "damaged" in w]
+    assert len(damage) == 1 and "Corrupt JPEG data" in damage[0]  # libjpeg-turbo's diagnosis
+
+
+@pytest.mark.parametrize("name", ["jpeg", "cmyk_jpeg", "grayscale", "exif_rotated", "png"])
+def test_intact_images_have_no_warnings(client, name):
+    body = post(client, GOOD[name]()).json()
+    assert isinstance(body["warnings"], list)
+    assert not [w for w in body["warnings"] if "damaged" in w]
+
+
+def test_jpeg_damage_verdicts():
+    photo = damaged_jpeg()
+    assert jpeg_damage(photo).startswith("Corrupt JPEG data")
+    rng = np.random.default_rng(1)
+    noisy = bytearray(encode(scene((640, 480)), "JPEG"))
+    noisy[len(noisy) // 2 : len(noisy) // 2 + 512] = rng.integers(0, 256, 512, np.uint8).tobytes()
+    assert jpeg_damage(bytes(noisy)) is not None
+    for fmt in ("JPEG", "PNG"):
+        assert jpeg_damage(encode(scene((640, 480)), fmt)) is None
+    assert jpeg_damage(encode(scene().convert("CMYK"), "JPEG")) is None
+    assert jpeg_damage(b"\xff\xd8 not a jpeg at all") is None  # no verdict: Pillow refuses it
+
+
+def test_a_caption_cut_off_at_the_length_limit_says_so(tiny_ckpt):
+    svc = CaptionService(tiny_ckpt, batch_wait_ms=0)
+    svc.cm.vocab.max_len = 2  # every caption runs to the limit
+    body = svc.caption(encode(scene(), "PNG"))
+    assert len(body["beams"][0]["words"]) == 2
+    assert body["warnings"] == [length_warning(2)]
+
+
 @pytest.mark.parametrize(
     "params, form",
     [
@@ -326,6 +404,28 @@ def test_chunked_upload_over_the_limit_is_413(small_limit_client):
         "/api/caption", content=chunks(), headers={"content-type": "image/jpeg"}
     )
     assert r.status_code == 413
+
+
+def test_every_413_names_the_same_limit(small_limit_client):
+    """Raw body, multipart form, chunked stream: one limit (50,000 bytes) in every message."""
+    big = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(big), "PNG")
+    just_over = data[: 50_000 + 1]  # the form's envelope still fits: the file part is checked
+    replies = [
+        post(small_limit_client, data),
+        post(small_limit_client, just_over),
+        small_limit_client.post(
+            "/api/caption", content=data, headers={"content-type": "image/png"}
+        ),
+        small_limit_client.post(
+            "/api/caption",
+            content=iter([data[i : i + 10_000] for i in range(0, len(data), 10_000)]),
+            headers={"content-type": "image/png"},
+        ),
+    ]
+    for r in replies:
+        assert r.status_code == 413
+        assert r.json()["detail"].endswith("the limit is 0.0477 MB"), r.json()
 
 
 def test_newest_checkpoint(tmp_path):
@@ -424,6 +524,32 @@ def test_huge_upload_is_refused_while_it_streams(live_server):
             pass
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert sent < 40 * 2**20  # refused after about the limit (10 MB), not after 200 MB
+
+
+@pytest.mark.parametrize("form", [False, True])
+def test_over_limit_upload_from_an_ordinary_client_gets_the_413(live_server, form):
+    """urllib, like a browser form, sends its whole body (no `Expect: 100-continue`) and then
+    reads the answer: the server reads the 11 MB to the end before it says 413."""
+    url, _ = live_server
+    data = b"\xff\xd8" + bytes(11 * 2**20)
+    if form:
+        boundary = "x7MA4YWxkTrZu0gW"
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        data = head + data + f"\r\n--{boundary}--\r\n".encode()
+        ctype = f"multipart/form-data; boundary={boundary}"
+    else:
+        ctype = "image/jpeg"
+    request = urllib.request.Request(
+        url + "/api/caption", data=data, headers={"Content-Type": ctype}
+    )
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=60)
+    assert answer.value.code == 413
+    detail = json.loads(answer.value.read())["detail"]
+    assert detail == "upload too large (11.0 MB): the limit is 10 MB"
 
 
 def test_app_entry_trains_a_model_when_there_is_none(tmp_path, monkeypatch, capsys):

@@ -1,7 +1,8 @@
 """The page in headless Chromium: upload a photo, see the caption, beams and per-word attention.
 
 Needs Debian's chromium + chromium-driver and selenium (.ci/run installs them); skips otherwise.
-Saves a screenshot to outputs/test-artifacts/app.png.
+Saves screenshots to outputs/test-artifacts/ (app.png, docs.png). Chromium resolves no host name
+but 127.0.0.1, so everything the pages need must come from the app itself.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image, ImageOps
-from test_app import encode, scene, trained_checkpoint
+from test_app import damaged_jpeg, encode, scene, trained_checkpoint
 
 from conftest import ROOT, SHARED
 
@@ -31,6 +32,9 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--window-size=1280,1350",
+    # No network: every host name but the app's fails to resolve (the page, /docs and /redoc
+    # must not need a CDN); `outside_requests` lists whatever was tried all the same.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
 
 
@@ -82,11 +86,26 @@ def browser(tmp_path):
     options.binary_location = chromium
     for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request made
     # An explicit chromedriver: selenium then never tries to download one.
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+def outside_requests(browser, server: str) -> list[str]:
+    """Network URLs (http, https, ws) the pages so far asked for that are not the app's own."""
+    import json
+
+    urls = []
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    assert any(u.startswith(server) for u in urls)  # the log did record the page's requests
+    network = [u for u in urls if u.startswith(("http:", "https:", "ws:", "wss:"))]
+    return [u for u in network if not u.startswith(server)]
 
 
 def photo(tmp_path: Path) -> Path:
@@ -117,6 +136,13 @@ def test_upload_shows_caption_beams_and_attention(server, browser, tmp_path):
     browser.get(server + "/")
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
     assert "small_cnn" in browser.find_element(By.ID, "model-info").text
+    # The default model draws shapes: the page says so, and how to serve a photo model.
+    assert "Trained on synthetic scenes" in browser.find_element(By.ID, "model-data").text
+    notice = browser.find_element(By.ID, "model-notice")
+    assert notice.is_displayed() and "coloured shapes" in notice.text
+    commands = [c.text for c in notice.find_elements(By.TAG_NAME, "code")]
+    assert "python train.py experiment=flickr8k" in commands
+    assert any(c.startswith("make app CKPT=") for c in commands)
 
     # The hidden input behind the drop zone: WebDriver may type a path into a file input directly.
     file_input = browser.find_element(By.ID, "file")
@@ -165,9 +191,41 @@ def test_upload_shows_caption_beams_and_attention(server, browser, tmp_path):
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 10_000
 
+    damaged = tmp_path / "damaged.jpg"
+    damaged.write_bytes(damaged_jpeg())
+    file_input.send_keys(str(damaged))
+    warnings = browser.find_element(By.ID, "warnings")
+    wait.until(lambda d: "damaged" in warnings.text)
+    assert warnings.is_displayed() and "Corrupt JPEG data" in warnings.text
+    assert browser.find_elements(By.CSS_SELECTOR, "#caption .word")  # and still a caption
+
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"<html>404</html>")
     file_input.send_keys(str(bad))
     error = browser.find_element(By.ID, "error")
     wait.until(lambda d: error.is_displayed())
     assert "notes.png" in error.text and "HTML" in error.text
+    assert not warnings.is_displayed()  # the last upload's warnings went with it
+    assert outside_requests(browser, server) == []
+
+
+def test_api_docs_render_offline(server, browser):
+    """Swagger UI with no network lists the three endpoints; /redoc leads to it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    endpoints = {"/api/caption", "/api/health", "/api/model"}
+    browser.get(server + "/docs")
+
+    def paths(d) -> set[str]:
+        return {e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+
+    wait.until(lambda d: endpoints <= paths(d))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "docs.png"))
+
+    browser.get(server + "/redoc")
+    wait.until(lambda d: endpoints <= paths(d))
+    assert browser.current_url == server + "/docs"
+    assert outside_requests(browser, server) == []

@@ -20,9 +20,11 @@ from conftest import ROOT, compose_cfg
 
 sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
+from captioning.checkpoint import read_checkpoint  # noqa: E402
 from captioning.cli import run_safely  # noqa: E402
 from captioning.errors import CheckpointError  # noqa: E402
-from captioning.inference import load_model, read_checkpoint  # noqa: E402
+from captioning.inference import load_model  # noqa: E402
+from captioning.training import setup as train_setup  # noqa: E402
 
 SMALL = [
     "debug=tiny",
@@ -119,6 +121,9 @@ def write_bad(kind: str, tmp_path: Path, trained: Path) -> tuple[Path, str]:
     if kind == "text":
         path.write_text("this is not a checkpoint\n")
         return path, "not a readable checkpoint"
+    if kind == "passwd":  # a text file that once ended in "list index out of range"
+        path.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/bin/sh\n")
+        return path, r"not a readable checkpoint: not a file written by torch.save \(train.py[^:]*$"
     if kind == "random_bytes":
         path.write_bytes(os.urandom(4096))
         return path, "not a readable checkpoint"
@@ -172,6 +177,7 @@ BAD = [
     "missing",
     "empty",
     "text",
+    "passwd",
     "random_bytes",
     "truncated",
     "truncated_by_one_byte",
@@ -227,7 +233,7 @@ def test_lightning_resume_path_refuses_code_even_without_our_check(
 ):
     """Defence in depth: with our own read skipped, trainer.fit(ckpt_path=...) still refuses."""
     path, _ = write_bad("malicious", tmp_path, trained)
-    monkeypatch.setattr(train_script, "read_checkpoint", lambda p: None)
+    monkeypatch.setattr(train_setup, "read_checkpoint", lambda p: None)
     with pytest.raises(pickle.UnpicklingError):
         train_script.train(tiny(tmp_path / "run", data_cache, f"ckpt_path={path}"))
     assert not (tmp_path / "pwned").exists()

@@ -29,7 +29,7 @@ def test_shapes(name):
     feats = torch.randn(3, N, D)
     logits, alphas = dec(feats, captions())
     assert logits.shape == (3, 7, V)
-    if name in ("soft_attention", "hard_attention"):
+    if hasattr(dec, "attention"):
         assert alphas.shape == (3, 7, N)
     else:
         assert alphas is None
@@ -47,8 +47,16 @@ def test_padding_changes_nothing(name):
     torch.testing.assert_close(a, b[:, :7], rtol=0, atol=1e-6)
 
 
-def test_attention_sums_to_one():
-    dec = make("soft_attention")
+ATTENTION_DECODERS = [n for n in list_decoders() if hasattr(make(n), "attention")]
+
+
+def test_attention_decoders_are_found():
+    assert {"soft_attention", "hard_attention", "updown"} <= set(ATTENTION_DECODERS)
+
+
+@pytest.mark.parametrize("name", ATTENTION_DECODERS)
+def test_attention_sums_to_one(name):
+    dec = make(name)
     _, alphas = dec(torch.randn(3, N, D), captions())
     torch.testing.assert_close(alphas.sum(-1), torch.ones(3, 7))
     assert (alphas >= 0).all()
@@ -64,6 +72,23 @@ def test_hoisted_forward_matches_step_loop(deep_output):
     torch.testing.assert_close(fa, sa, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["lengths", "all-steps"])
+@pytest.mark.parametrize("name", list_decoders())
+def test_forward_equals_stepwise(name, packed):
+    """Every decoder's teacher-forced `forward` (fast where it has one) is its step loop."""
+    dec = make(name)
+    feats, caps = torch.randn(4, N, D), captions(4, 9)
+    lengths = torch.tensor([9, 3, 6, 1])
+    fast, fa = dec(feats, caps, lengths=lengths if packed else None)
+    slow, sa = dec.forward_stepwise(feats, caps)
+    real = torch.arange(9) < lengths.unsqueeze(1) if packed else torch.ones(4, 9, dtype=bool)
+    torch.testing.assert_close(fast[real], slow[real], rtol=0, atol=1e-5)
+    if sa is None:
+        assert fa is None
+    else:
+        torch.testing.assert_close(fa[real], sa[real], rtol=0, atol=1e-6)
+
+
 def test_regularizer_masks_padding():
     dec = make("soft_attention")
     alphas = torch.full((2, 4, N), 1.0 / N)
@@ -72,6 +97,14 @@ def test_regularizer_masks_padding():
     # coverage per region: 4/N for row 0, 2/N for row 1
     expected = ((1 - 4 / N) ** 2 + (1 - 2 / N) ** 2) / 2
     assert reg.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_updown_regularizer_is_off_unless_asked():
+    alphas = torch.full((2, 4, N), 1.0 / N)
+    mask = torch.ones(2, 4)
+    assert make("updown").regularizer(alphas, mask).item() == 0.0
+    reg = make("updown", alpha_c=2.0).regularizer(alphas, mask)
+    assert reg.item() == pytest.approx(2.0 * (1 - 4 / N) ** 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", list_decoders())

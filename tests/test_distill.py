@@ -10,9 +10,10 @@ from conftest import ROOT, compose_cfg
 
 sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
+from captioning.checkpoint import read_checkpoint  # noqa: E402
 from captioning.distill import check_config, distill_loss, kl_to_teacher  # noqa: E402
 from captioning.errors import ConfigError  # noqa: E402
-from captioning.inference import load_model, read_checkpoint  # noqa: E402
+from captioning.inference import load_model  # noqa: E402
 
 
 def test_the_loss_pulls_the_student_towards_the_teacher():

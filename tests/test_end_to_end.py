@@ -50,7 +50,7 @@ def test_train_then_evaluate_matches_training_test(tmp_path, data_cache):
 
 
 def test_ddp_two_processes_on_cpu(tmp_path, data_cache):
-    run(
+    proc = run(
         "train.py",
         [*TINY, f"hydra.run.dir={tmp_path}", "trainer.devices=2", "trainer.strategy=ddp"],
         data_cache,
@@ -60,6 +60,8 @@ def test_ddp_two_processes_on_cpu(tmp_path, data_cache):
     # DistributedSampler pads with repeated images; each test image is scored exactly once.
     preds = json.loads((tmp_path / "test_predictions.json").read_text())
     assert len(preds) == 32 == len({p["image_id"] for p in preds})
+    # every rank scores the same gathered captions: no advice to average them across ranks
+    assert "sync_dist=True" not in proc.stdout + proc.stderr
 
 
 def test_resume_from_last_checkpoint(tmp_path, data_cache):

@@ -86,6 +86,39 @@ def test_each_step_averages_the_members_probabilities(two_ckpts):
         assert [h.tokens for h in a] == [h.tokens for h in b]
 
 
+def test_every_decoder_kind_joins_an_ensemble():
+    """Members of every registered decoder, each on its own feature slice, decode as one."""
+    from captioning.decoders import build_decoder, list_decoders
+    from captioning.decoding import generate
+    from captioning.ensemble import EnsembleDecoder
+
+    V, D, N = 20, 6, 5
+    torch.manual_seed(0)
+    names = list_decoders()
+    members = [
+        build_decoder(n, vocab_size=V, encoder_dim=D, embed_dim=8, hidden_dim=12).eval()
+        for n in names
+    ]
+    slices = [(i * D, (i + 1) * D) for i in range(len(members))]
+    ens = EnsembleDecoder(members, slices).eval()
+    feats = torch.randn(4, N, D * len(members))
+    tokens = torch.randint(3, V, (4, 6))
+    with torch.no_grad():
+        logp, _ = ens(feats, tokens)
+        probs = [
+            m(feats[..., a:b], tokens)[0].softmax(-1)
+            for m, (a, b) in zip(members, slices, strict=True)
+        ]
+        torch.testing.assert_close(logp.exp(), sum(probs) / len(probs), atol=1e-6, rtol=1e-5)
+        stepwise, _ = ens.forward_stepwise(feats, tokens)
+        torch.testing.assert_close(stepwise, logp, atol=1e-5, rtol=0)
+        kw = dict(start_id=1, end_id=2, max_len=8, banned=(0, 1))
+        together = generate(ens, feats, beam_size=3, **kw)
+        alone = [generate(ens, feats[i : i + 1], beam_size=3, **kw)[0] for i in range(4)]
+    for a, b in zip(together, alone, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+
+
 def test_members_must_share_the_vocabulary(two_ckpts, tmp_path):
     from captioning.errors import CheckpointError
     from captioning.inference import load_model

@@ -22,3 +22,44 @@ def test_caption_stats_count_what_the_scores_miss():
     assert stats["ends_mid_phrase"] == pytest.approx(2 / 4)
     assert caption_stats({1: "a brown dog"})["ends_mid_phrase"] == 0.0
     assert caption_stats({})["mean_words"] == 0.0
+
+
+def test_report_opens_with_the_scores_and_the_decoding(tmp_path_factory, data_cache, tmp_path):
+    import sys
+
+    from test_app import trained_checkpoint
+
+    from conftest import ROOT, compose_cfg
+
+    sys.path.insert(0, str(ROOT))
+    import evaluate as evaluate_script
+
+    ckpt = trained_checkpoint(tmp_path_factory, data_cache)
+    cfg = compose_cfg(
+        "evaluate",
+        [
+            f"ckpt_path={ckpt}",
+            "split=val",
+            "decode.beam_size=2",
+            "decode.length_penalty=0.7",
+            "decode.meteor=false",
+            "report_examples=1",
+        ],
+        out=tmp_path,
+        cache=data_cache,
+    )
+    scores = evaluate_script.evaluate(cfg)
+    head = (tmp_path / "report.md").read_text().split("## Best captions")[0]
+    assert "Split `val`, 32 images; decoding: beam 2, length penalty 0.7" in head
+    table = [line for line in head.splitlines() if line.startswith("| ")]
+    assert table[0] == "| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D |"
+    assert f"{scores['BLEU-4']:.4f}" in table[1] and "n/a" in table[1]  # METEOR was off
+    assert "words on average" in head
+
+
+def test_rank_examples_with_none_asked_shows_none():
+    from captioning.evaluation import rank_examples
+
+    per_image = {"a": {"CIDEr": 1.0}, "b": {"CIDEr": 0.5}, "c": {"CIDEr": 0.1}}
+    assert rank_examples(per_image, n=0) == ([], [])
+    assert rank_examples(per_image, n=1) == (["a"], ["c"])

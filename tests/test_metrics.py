@@ -1,4 +1,4 @@
-"""captioning.metrics: hand-computed cases, and equality with pycocoevalcap (coco-caption)."""
+"""captioning.metrics and .tokenizer: hand-computed cases, equality with pycocoevalcap (coco-caption)."""
 
 import csv
 import json
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from captioning import meteor as MET
 from captioning import metrics as M
 from captioning.errors import DataError, UserError
+from captioning.tokenizer import tokenize, tokenize_caption
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FLICKR = SHARED / "data" / "flickr8k"
@@ -50,7 +52,7 @@ def coco_eval(preds: dict, refs: dict, meteor: bool) -> dict:
 
         scorer = Meteor()
         out["METEOR"] = scorer.compute_score(gts, res)[0]
-        M._close_meteor(scorer)
+        MET.close_meteor(scorer)
     return out
 
 
@@ -75,7 +77,7 @@ def coco_eval(preds: dict, refs: dict, meteor: bool) -> dict:
     ],
 )
 def test_tokenize_known_cases(text: str, tokens: list[str]) -> None:
-    assert M.tokenize(text) == tokens
+    assert tokenize(text) == tokens
 
 
 TRICKY = [
@@ -115,7 +117,7 @@ def test_tokenizer_matches_ptbtokenizer() -> None:
     lines = [line for text in TRICKY for line in (text, "A dog.")]
     expected = ptb_tokenize({0: lines})[0][::2]
     for text, tokens in zip(TRICKY, expected, strict=True):
-        assert M.tokenize_caption(text) == tokens, text
+        assert tokenize_caption(text) == tokens, text
 
 
 # --- BLEU -----------------------------------------------------------------------------------
@@ -230,8 +232,8 @@ EDGE_PREDS = {
 
 def test_scorers_match_pycocoevalcap() -> None:
     Bleu, Rouge, Cider = coco()
-    res = {k: [M.tokenize_caption(v)] for k, v in EDGE_PREDS.items()}
-    gts = {k: [M.tokenize_caption(c) for c in v] for k, v in EDGE_REFS.items()}
+    res = {k: [tokenize_caption(v)] for k, v in EDGE_PREDS.items()}
+    gts = {k: [tokenize_caption(c) for c in v] for k, v in EDGE_REFS.items()}
     flat = {k: v[0] for k, v in res.items()}
 
     bleu, bleu_images = Bleu(4).compute_score(gts, res, verbose=0)
@@ -265,7 +267,7 @@ def test_meteor_runs_on_tokenized_captions_and_stops_the_jvm(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     coco()
-    if not M.meteor_available():
+    if not MET.meteor_available():
         pytest.skip("METEOR jar not found")
     from pycocoevalcap.meteor import meteor as coco_meteor
 
@@ -301,8 +303,8 @@ def test_score_corpus_keys_and_per_image() -> None:
 
 
 def test_meteor_unavailable_is_none_not_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(M.shutil, "which", lambda name: None)
-    assert not M.meteor_available()
+    monkeypatch.setattr(MET.shutil, "which", lambda name: None)
+    assert not MET.meteor_available()
     assert M.score_corpus({1: "a dog"}, {1: ["a dog"]})["METEOR"] is None
     with pytest.raises(UserError, match="METEOR needs Java"):
         M.score_corpus({1: "a dog"}, {1: ["a dog"]}, meteor=True)
@@ -359,7 +361,7 @@ def flickr_test_split() -> tuple[dict, dict]:
 @needs_java
 def test_meteor_matches_coco_eval() -> None:
     coco()
-    if not M.meteor_available():
+    if not MET.meteor_available():
         pytest.skip("METEOR jar not found")
     ours = M.score_corpus(EDGE_PREDS, EDGE_REFS, meteor=True)
     assert ours["METEOR"] == pytest.approx(
@@ -371,7 +373,7 @@ def test_meteor_matches_coco_eval() -> None:
 @needs_java
 def test_flickr8k_test_split_matches_coco_eval() -> None:
     preds, refs = flickr_test_split()
-    meteor = M.meteor_available()
+    meteor = MET.meteor_available()
     ours = M.score_corpus(preds, refs, meteor=meteor)
     expected = coco_eval(preds, refs, meteor=meteor)
     assert len(refs) == 1000
@@ -388,6 +390,6 @@ def test_tokenizer_matches_ptbtokenizer_on_flickr8k_captions() -> None:
     with path.open(encoding="utf-8", newline="") as f:
         captions = [row["caption"] for row in csv.DictReader(f)]
     expected = ptb_tokenize({0: captions})[0]
-    differ = [c for c, e in zip(captions, expected, strict=True) if M.tokenize_caption(c) != e]
+    differ = [c for c, e in zip(captions, expected, strict=True) if tokenize_caption(c) != e]
     assert len(captions) == 40455
     assert differ == []

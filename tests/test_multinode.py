@@ -84,6 +84,9 @@ def test_two_nodes_train_and_agree(tmp_path):
             log.close()
     logs = {r: (tmp_path / f"node{r}.log").read_text() for r in (0, 1)}
     assert codes == [0, 0], f"node 0:\n{logs[0][-3000:]}\nnode 1:\n{logs[1][-3000:]}"
+    # validation scores are computed on every rank from the same gathered captions (see
+    # lit_module.SYNC_DIST_ADVICE): Lightning's advice to average them must not appear
+    assert all("sync_dist=True" not in log for log in logs.values())
 
     rows = {
         r: [json.loads(x) for x in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()]

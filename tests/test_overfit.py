@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from captioning.datamodule import collate
+from captioning.data.dataset import collate
 from captioning.metrics import score_corpus
 from conftest import compose_cfg, module_and_data
 
@@ -21,7 +21,7 @@ def test_overfits_a_few_samples(data_cache):
     module, dm = module_and_data(cfg, data_cache)
     train = dm.dataset("train")
     batch = collate([train[i] for i in range(len(train))])  # all 40 captions
-    assert batch["captions"].size(0) == 40
+    assert batch.captions.size(0) == 40
     opt = torch.optim.Adam(module.parameters(), lr=3e-3)
     module.train()
     for _ in range(300):
@@ -35,8 +35,9 @@ def test_overfits_a_few_samples(data_cache):
     evalb = collate([images[i] for i in range(len(images))])
     module.eval()
     with torch.no_grad():
-        captions = module._generate(module.features(evalb), {"beam_size": 1})
-    preds = dict(zip(evalb["image_ids"], captions, strict=True))
-    refs = dict(zip(evalb["image_ids"], evalb["refs"], strict=True))
+        beams = module.model.generate(module.model.features(evalb), module.vocab)
+    captions = [module.vocab.decode(b[0].tokens) for b in beams]  # greedy
+    preds = dict(zip(evalb.image_ids, captions, strict=True))
+    refs = dict(zip(evalb.image_ids, evalb.refs, strict=True))
     scores = score_corpus(preds, refs, meteor=False)
     assert scores["BLEU-4"] > 0.8, (scores, preds)  # memorised: each caption one of its refs

@@ -234,7 +234,7 @@ def test_resolve_ckpt_path(tmp_path):
 
 
 def test_a_moved_run_folder_keeps_its_best_score_and_last_checkpoint(tmp_path):
-    from captioning.reliability import FiniteModelCheckpoint
+    from captioning.training.checkpointing import FiniteModelCheckpoint
 
     old, new = tmp_path / "scratch" / "checkpoints", tmp_path / "home" / "checkpoints"
     new.mkdir(parents=True)
@@ -274,7 +274,7 @@ def test_resume_state_is_plain_and_round_trips():
 
     import numpy as np
 
-    from captioning.reliability import rng_state, set_rng_state
+    from captioning.training.resume import rng_state, set_rng_state
 
     state = rng_state()
     a = (torch.rand(3), np.random.rand(3), random.random())
@@ -302,7 +302,7 @@ def tiny(tmp_path: Path, cache: Path, *extra: str):
 
 def nan_loss_at(monkeypatch, step: int) -> list[int]:
     """Make the training loss NaN at one global step; returns the steps it was called at."""
-    from captioning.lit_module import CaptioningModule
+    from captioning.training.lit_module import CaptioningModule
 
     real, calls = CaptioningModule.loss, []
 
@@ -319,7 +319,7 @@ def nan_loss_at(monkeypatch, step: int) -> list[int]:
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, data_cache, monkeypatch):
-    from captioning.reliability import NonFiniteError
+    from captioning.training.guards import NonFiniteError
 
     nan_loss_at(monkeypatch, step=7)  # epoch 1, batch 2
     cfg = tiny(tmp_path, data_cache, "trainer.max_epochs=3")
@@ -355,7 +355,7 @@ def test_nan_loss_skipped_under_skip_policy(tmp_path, data_cache, monkeypatch):
 
 def test_nan_validation_score_never_becomes_best(tmp_path, data_cache, monkeypatch):
     """Under skip, a NaN val/bleu4 (even in the first epoch) is not saved as the best."""
-    from captioning import lit_module
+    from captioning.training import lit_module
 
     real, epochs = lit_module.score_corpus, []
 
@@ -378,8 +378,8 @@ def test_nan_validation_score_never_becomes_best(tmp_path, data_cache, monkeypat
 
 
 def test_nan_validation_score_stops_under_stop_policy(tmp_path, data_cache, monkeypatch):
-    from captioning import lit_module
-    from captioning.reliability import NonFiniteError
+    from captioning.training import lit_module
+    from captioning.training.guards import NonFiniteError
 
     real = lit_module.score_corpus
     monkeypatch.setattr(
@@ -394,7 +394,7 @@ def test_nan_validation_score_stops_under_stop_policy(tmp_path, data_cache, monk
 
 def test_nan_policy_is_checked():
     from captioning.errors import ConfigError
-    from captioning.reliability import NonFiniteGuard
+    from captioning.training.guards import NonFiniteGuard
 
     with pytest.raises(ConfigError, match="stop or skip"):
         NonFiniteGuard("ignore")
@@ -413,8 +413,8 @@ def unwritable(tmp_path: Path) -> Path:
 
 
 def test_unwritable_checkpoint_dir_fails_before_training(tmp_path, data_cache, monkeypatch):
-    from captioning.datamodule import CaptionDataModule
-    from captioning.reliability import CheckpointDirError
+    from captioning.errors import CheckpointDirError
+    from captioning.training.datamodule import CaptionDataModule
 
     loaded = []
     monkeypatch.setattr(CaptionDataModule, "load", lambda self: loaded.append(1) or self)
@@ -427,7 +427,7 @@ def test_unwritable_checkpoint_dir_fails_before_training(tmp_path, data_cache, m
 def test_full_disk_fails_before_training(tmp_path, data_cache, monkeypatch):
     import shutil
 
-    from captioning.reliability import CheckpointDirError
+    from captioning.errors import CheckpointDirError
 
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10_000))
@@ -438,7 +438,8 @@ def test_full_disk_fails_before_training(tmp_path, data_cache, monkeypatch):
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     """A save that dies half way leaves the previous checkpoint as it was."""
-    from captioning.reliability import AtomicCheckpointIO, CheckpointDirError
+    from captioning.errors import CheckpointDirError
+    from captioning.training.checkpointing import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -488,8 +489,8 @@ def test_training_and_evaluation_encode_the_same_way(tmp_path, data_cache):
     """One path (Vocab.encode, truncated to max_len) for the training and validation tensors."""
     from omegaconf import OmegaConf
 
-    from captioning.datamodule import CaptionDataModule
     from captioning.encoders import Preprocess
+    from captioning.training.datamodule import CaptionDataModule
 
     PP64 = Preprocess(64, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # noqa: N806
     cfg = tiny(tmp_path, data_cache, "data.max_caption_len=3")
@@ -506,7 +507,7 @@ def test_training_and_evaluation_encode_the_same_way(tmp_path, data_cache):
 
 
 def test_empty_captions_are_dropped_with_a_count(caplog):
-    from captioning.datamodule import drop_empty_captions
+    from captioning.data.dataset import drop_empty_captions
 
     refs = [["a dog", "", " . "], ["", "  ", "!"], ["a cat"]]
     kept, captions, images = drop_empty_captions(refs, "flickr8k/train")
@@ -519,7 +520,7 @@ def test_dataset_without_empty_captions_in_its_samples(tmp_path):
     """An image whose captions are all empty yields no training or evaluation sample."""
     import datasets
 
-    from captioning.datamodule import CaptionDataset
+    from captioning.data.dataset import CaptionDataset
     from captioning.encoders import Preprocess
     from captioning.vocab import Vocab
     from fixtures_data import colour, jpeg_bytes

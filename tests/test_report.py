@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,14 @@ def test_writes_markdown_csv_and_plot(sweep):
     assert (sweep / "report.png").stat().st_size > 10_000
 
 
+def test_without_matplotlib_the_table_is_written_without_its_figure(sweep, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    paths = report.write_report(sweep)
+    assert set(paths) == {"csv", "md"} and not (sweep / "report.png").exists()
+    assert "**Best: job 2**" in paths["md"].read_text()
+    assert "pip install matplotlib" in caplog.text
+
+
 def test_a_job_killed_mid_run_is_listed_as_failed(tmp_path):
     write_job(tmp_path, 0, ["optim.decoder_lr=0.001"], info=info(10, status="running"))
     write_job(tmp_path, 1, ["optim.decoder_lr=0.002"], info=info(10), test=split_scores(0.1))
@@ -206,3 +215,40 @@ def test_sweep_syntax_is_recognised():
 def test_cli_rejects_a_directory_without_jobs(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "no Hydra jobs" in capsys.readouterr().err
+
+
+def test_degenerate_jobs_are_marked_and_categories_are_not_joined(tmp_path):
+    """Two encoders (a category: no order between them); one job says the same thing always."""
+    for num, (encoder, b4) in enumerate([("resnet18", 0.21), ("small_cnn", 0.0)]):
+        job = write_job(
+            tmp_path,
+            num,
+            [f"encoder={encoder}"],
+            epochs=[{"epoch": 0, **scores(max(b4, 0.0), 0.4)}],
+            info=info(10, best_epoch=0, best_score=b4),
+            test=split_scores(b4),
+        )
+        same = num == 1
+        preds = [{"image_id": i, "caption": "a a a" if same else f"a dog {i}"} for i in range(5)]
+        (job / "test_predictions.json").write_text(json.dumps(preds))
+    s = report.read_sweep(tmp_path)
+    assert [j.status for j in s.jobs] == ["ok", "degenerate"]
+    assert "all 5 test captions are 'a a a'" in s.jobs[1].note
+    paths = report.write_report(tmp_path)
+    md = paths["md"].read_text()
+    assert "1 degenerate" in md and "## Degenerate jobs" in md and "**Best: job 0**" in md
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [r["status"] for r in rows] == ["ok", "degenerate"]
+
+    fig = report.figure(s)
+    by_encoder = fig.axes[0]
+    assert by_encoder.get_xlabel() == "encoder"
+    joined = [line for line in by_encoder.get_lines() if len(line.get_xdata()) > 1]
+    assert not joined  # no line between two names
+    assert [t.get_text() for t in by_encoder.get_xticklabels()] == ["resnet18", "small_cnn"]
+
+
+def test_a_zero_bleu4_alone_marks_a_job_degenerate(tmp_path):
+    write_job(tmp_path, 0, ["seed=1"], info=info(10), test=split_scores(0.0))
+    job = report.read_sweep(tmp_path).jobs[0]
+    assert job.status == "degenerate" and "test BLEU-4 0.0e+00" in job.note

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from captioning.decoders import Decoder, build_decoder
+from captioning.decoders import Decoder, build_decoder, list_decoders
 from captioning.decoding import generate, sample
 from captioning.errors import ConfigError
 from captioning.metrics import CiderD, bleu, sentence_bleu
@@ -110,10 +110,11 @@ def test_samples_follow_the_decoder_distribution_and_end_properly():
         assert n <= 4 and all(t == pad for t in row[n + 1 :]) and pad not in row[:n]
 
 
-def test_sequence_log_probs_equal_the_stepwise_log_probs():
+@pytest.mark.parametrize("name", list_decoders())
+def test_sequence_log_probs_equal_the_stepwise_log_probs(name):
     torch.manual_seed(0)
     vocab = toy_vocab()
-    dec = build_decoder("soft_attention", len(vocab), 12, embed_dim=8, hidden_dim=16).eval()
+    dec = build_decoder(name, len(vocab), 12, embed_dim=8, hidden_dim=16).eval()
     feats = torch.randn(6, 5, 12)
     banned = vocab.banned()
     toks = sample(
@@ -142,10 +143,11 @@ def test_sequence_log_probs_equal_the_stepwise_log_probs():
     torch.testing.assert_close(logp, ref.masked_fill(~mask, 0.0), rtol=0, atol=1e-5)
 
 
-def test_self_critical_step_rewards_come_from_training_references():
+@pytest.mark.parametrize("name", list_decoders())
+def test_self_critical_step_rewards_come_from_training_references(name):
     torch.manual_seed(0)
     vocab = toy_vocab()
-    dec = build_decoder("soft_attention", len(vocab), 12, embed_dim=8, hidden_dim=16)
+    dec = build_decoder(name, len(vocab), 12, embed_dim=8, hidden_dim=16)
     refs = {"x": ["a red circle"], "y": ["a blue square"], "z": ["a green triangle left"]}
     cider = CiderD(refs)
     for baseline in ("greedy", "mean"):

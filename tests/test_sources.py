@@ -12,8 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from captioning.data import SOURCES, SPLITS, load_splits
-from captioning.data import sources as src
+from captioning.data import SOURCES, SPLITS, convert, flickr, load_splits
 from captioning.data.images import SkippedImagesWarning
 from captioning.errors import ConfigError, DataError
 from fixtures_data import (
@@ -63,7 +62,9 @@ def check_schema(splits: dict) -> None:
 
 
 def test_sources_registered() -> None:
-    # Importing `sources` (done above) registers them; `load_splits` imports it lazily.
+    # Each source module registers itself on import; `load_splits` imports them lazily.
+    from captioning.data import coco, hub  # noqa: F401
+
     assert {"flickr8k", "flickr30k", "coco", "hub"} <= set(SOURCES.names())
 
 
@@ -80,7 +81,7 @@ def test_flickr8k_kaggle_seeded_split(tmp_path: Path) -> None:
     for ds in splits.values():
         loaded.update(by_id(ds))
     assert loaded == {Path(n).stem: c for n, c in written.items()}  # commas survive the CSV
-    (note,) = of(caught, src.SplitWarning)
+    (note,) = of(caught, convert.SplitWarning)
     assert "not comparable" in note and "dataset_flickr8k.json" in note
     assert not of(caught, SkippedImagesWarning)
     # Deterministic: a fresh conversion elsewhere gives the same split.
@@ -103,12 +104,12 @@ def test_flickr8k_karpathy_wins_and_raw_sentences_used(tmp_path: Path) -> None:
     assert [len(splits[s]) for s in SPLITS] == [5, 2, 2]
     assert list(splits["val"]["image_id"]) == [Path(n).stem for n in names[5:7]]
     assert splits["train"][0]["captions"] == captions_of(names[0], 3, tag=" (raw)")
-    assert not of(caught, src.SplitWarning)
+    assert not of(caught, convert.SplitWarning)
 
     # karpathy_json=False falls back to the seeded split, even with the file in root.
     splits, caught = load("flickr8k", tmp_path, root=str(root), karpathy_json=False)
     assert [len(splits[s]) for s in SPLITS] == [8, 1, 1]
-    assert of(caught, src.SplitWarning)
+    assert of(caught, convert.SplitWarning)
 
 
 def test_flickr8k_explicit_karpathy_path(tmp_path: Path) -> None:
@@ -132,7 +133,7 @@ def test_flickr8k_original_layout_uses_official_lists(tmp_path: Path) -> None:
     assert list(splits["val"]["image_id"]) == sorted(Path(n).stem for n in names[6:8])
     assert list(splits["test"]["image_id"]) == sorted(Path(n).stem for n in names[8:])
     assert by_id(splits["train"])[Path(names[0]).stem] == written[names[0]]
-    assert not of(caught, src.SplitWarning)  # official lists: nothing to warn about
+    assert not of(caught, convert.SplitWarning)  # official lists: nothing to warn about
     assert not of(caught, SkippedImagesWarning)  # the stray ".jpg.1" entry is in no list
 
 
@@ -150,7 +151,7 @@ def test_flickr30k_results_csv(tmp_path: Path) -> None:
         loaded.update(by_id(ds))
     # Stray spaces stripped, and the row missing its second "|" still parsed.
     assert loaded == {Path(n).stem: c for n, c in written.items()}
-    assert of(caught, src.SplitWarning)
+    assert of(caught, convert.SplitWarning)
 
 
 def test_flickr30k_karpathy(tmp_path: Path) -> None:
@@ -164,7 +165,7 @@ def test_flickr30k_karpathy(tmp_path: Path) -> None:
     write_karpathy(root / "dataset_flickr30k.json", entries, "flickr30k")
     splits, caught = load("flickr30k", tmp_path, root=str(root))
     assert [len(splits[s]) for s in SPLITS] == [4, 1, 1]
-    assert not of(caught, src.SplitWarning)
+    assert not of(caught, convert.SplitWarning)
 
 
 # ---------------------------------------------------------------- COCO
@@ -180,7 +181,7 @@ def test_coco_2017_without_karpathy(tmp_path: Path) -> None:
         for image_id, caps in by_id(ds).items():
             assert caps == written[image_id]  # annotation-id order, whitespace trimmed
     assert len(by_id(splits["train"])["1"]) == 6  # not cut to 5
-    (note,) = of(caught, src.SplitWarning)
+    (note,) = of(caught, convert.SplitWarning)
     assert "val2017" in note and "not comparable" in note
 
 
@@ -204,7 +205,7 @@ def test_coco_2014_karpathy_restval_joins_train(tmp_path: Path) -> None:
     assert [len(splits[s]) for s in SPLITS] == [6, 2, 2]
     assert set(splits["train"]["image_id"]) == {str(i) for i in train_ids + val_ids[:2]}
     assert by_id(splits["test"])[str(val_ids[4])] == [f"raw {val_ids[4]}"]
-    assert not of(caught, src.SplitWarning)
+    assert not of(caught, convert.SplitWarning)
 
 
 def test_coco_2017_images_with_karpathy_2014_names(tmp_path: Path) -> None:
@@ -244,12 +245,12 @@ def test_cache_reused_without_reading_annotations(tmp_path: Path, monkeypatch) -
     def boom(*a, **k):
         raise AssertionError("annotations re-read although the cache is valid")
 
-    monkeypatch.setattr(src, "_read_flickr_captions", boom)
-    monkeypatch.setattr(src, "check_images", boom)
+    monkeypatch.setattr(flickr, "_read_flickr_captions", boom)
+    monkeypatch.setattr(convert, "check_images", boom)
     second, _ = load("flickr8k", tmp_path, root=str(root))
     assert list(second["train"]["image_id"]) == list(first["train"]["image_id"])
     assert len(list((tmp_path / "cache").glob("flickr8k-*"))) == 1
-    info = src.conversion_info(second["train"])
+    info = convert.conversion_info(second["train"])
     assert info is not None and sum(info["images"].values()) == 6
 
 
@@ -410,7 +411,7 @@ def test_hub_unreachable_network(tmp_path: Path) -> None:
         k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     }
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(src.__file__).parents[2]), env.get("PYTHONPATH", "")]
+        [str(Path(convert.__file__).parents[2]), env.get("PYTHONPATH", "")]
     )
     start = time.perf_counter()
     out = subprocess.run(
@@ -449,7 +450,7 @@ def test_staged_flickr8k(tmp_path: Path) -> None:
     for ds in splits.values():
         assert set(map(len, ds["captions"])) == {5}
         assert ds[0]["image"]["bytes"] is None
-    assert not of(caught, src.SplitWarning) and not of(caught, SkippedImagesWarning)
+    assert not of(caught, convert.SplitWarning) and not of(caught, SkippedImagesWarning)
     assert list(again["test"]["image_id"]) == list(splits["test"]["image_id"])
     assert cached < first
 
@@ -470,4 +471,4 @@ def test_staged_coco_mini(tmp_path: Path) -> None:
     for ds in splits.values():
         assert set(map(len, ds["captions"])) == {5}
     assert "397133" in list(splits["val"]["image_id"]) + list(splits["test"]["image_id"])
-    assert of(caught, src.SplitWarning)
+    assert of(caught, convert.SplitWarning)

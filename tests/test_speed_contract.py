@@ -33,7 +33,7 @@ def one_thread():
 def make(name: str = "soft_attention", **kw):
     torch.manual_seed(0)
     dims = {"embed_dim": 12, "hidden_dim": 20, "dropout": 0.0}
-    if name == "soft_attention":
+    if name in ("soft_attention", "updown"):
         dims["attention_dim"] = 10
     return build_decoder(name, vocab_size=V, encoder_dim=D, **(dims | kw)).eval()
 
@@ -71,6 +71,7 @@ DECODERS = [
     ("soft_attention", {}),
     ("soft_attention", {"deep_output": True}),
     ("soft_attention", {"gate": False}),
+    ("updown", {}),
     ("show_tell", {}),
     ("merge", {}),
 ]
@@ -179,11 +180,19 @@ def loss_and_grads(dec, forward, targets):
     return loss.detach(), logits.detach(), alphas.detach(), grads
 
 
-@pytest.mark.parametrize("kw", [{}, {"deep_output": True}, {"gate": False}], ids=str)
+FAST_FORWARD = [
+    ("soft_attention", {}),
+    ("soft_attention", {"deep_output": True}),
+    ("soft_attention", {"gate": False}),
+    ("updown", {"alpha_c": 1.0}),  # with its regulariser, so the alphas' gradients count
+]
+
+
+@pytest.mark.parametrize("name,kw", FAST_FORWARD, ids=str)
 @pytest.mark.parametrize("packed", [True, False], ids=["lengths", "all-steps"])
-def test_fast_forward_equals_stepwise(kw, packed):
+def test_fast_forward_equals_stepwise(name, kw, packed):
     """Loss and every gradient as in the step loop (fp32, 1e-5); logits on the real steps."""
-    dec = make(**kw).train()  # dropout 0: train mode without randomness
+    dec = make(name, **kw).train()  # dropout 0: train mode without randomness
     feats, inputs, targets = batch()
     lengths = (targets != 0).sum(1)
 
@@ -208,9 +217,10 @@ def test_fast_forward_equals_stepwise(kw, packed):
         torch.testing.assert_close(f_logits, s_logits, rtol=0, atol=1e-5)
 
 
-def test_fast_forward_float64_is_exact():
+@pytest.mark.parametrize("name", ["soft_attention", "updown"])
+def test_fast_forward_float64_is_exact(name):
     """In float64 the fast path and the step loop agree to rounding: same maths, reordered."""
-    dec = make().double().train()
+    dec = make(name, alpha_c=1.0).double().train()
     feats, inputs, targets = batch()
     feats = feats.double()
     lengths = (targets != 0).sum(1)
@@ -247,9 +257,10 @@ def test_fast_forward_all_full_length_and_single_row():
 
 
 @pytest.mark.slow
-def test_compile_step_keeps_state_dict_keys_and_results():
+@pytest.mark.parametrize("name", ["soft_attention", "updown"])
+def test_compile_step_keeps_state_dict_keys_and_results(name):
     """`compile_step` compiles in place: no `_orig_mod.` keys, the same loss and gradients."""
-    dec = make().train()
+    dec = make(name, alpha_c=1.0).train()
     keys = list(dec.state_dict())
     feats, inputs, targets = batch()
     lengths = (targets != 0).sum(1)

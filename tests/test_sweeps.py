@@ -16,7 +16,8 @@ from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import OmegaConf
 
-from captioning import callbacks as cb
+from captioning.training import wandb_log as cb
+from captioning.training.callbacks import RunInfo
 from conftest import CONF, ROOT, compose_cfg, module_and_data
 
 TINY_DATA = ["data.args.num_train=32", "data.args.num_val=16", "data.args.num_test=16"]
@@ -111,7 +112,7 @@ def test_run_info_tracks_the_best_epoch_and_the_outcome(tmp_path):
         loggers=[],
     )
     module = torch.nn.Linear(3, 2)
-    info = cb.RunInfo()
+    info = RunInfo()
     info.on_fit_start(trainer, module)
     assert json.loads((tmp_path / "run_info.json").read_text())["status"] == "running"
     for epoch, score in enumerate([0.1, 0.3, 0.3, float("nan"), 0.2]):
@@ -124,7 +125,7 @@ def test_run_info_tracks_the_best_epoch_and_the_outcome(tmp_path):
     assert out["best_epoch"] == 1 and out["best_score"] == pytest.approx(0.3)
     assert out["train_time_s"] >= 0 and out["monitor"] == "val/bleu4"
 
-    resumed = cb.RunInfo(path=str(tmp_path / "resumed.json"))  # state travels in checkpoints
+    resumed = RunInfo(path=str(tmp_path / "resumed.json"))  # state travels in checkpoints
     resumed.load_state_dict({**info.state_dict(), "train_time_s": 100.0})
     resumed.on_exception(trainer, module, RuntimeError("out of memory"))
     out = json.loads((tmp_path / "resumed.json").read_text())
@@ -149,8 +150,51 @@ def test_wandb_logger_config_instantiates(tmp_path):
         cache=tmp_path,
     )
     trainer, _ = instantiate_all(cfg)
-    assert [type(lg) for lg in trainer.loggers] == [WandbLogger]
-    assert trainer.loggers[0]._wandb_init["dir"] == str(tmp_path)
+    assert [type(lg) for lg in trainer.loggers] == [CSVLogger, WandbLogger]  # the CSV log stays
+    assert trainer.loggers[1]._wandb_init["dir"] == str(tmp_path)
+
+
+def no_wandb_account(monkeypatch, tmp_path: Path) -> None:
+    """A machine where nobody ran `wandb login`: no key anywhere W&B would look."""
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
+
+
+def test_wandb_without_an_account_goes_offline_and_says_so(tmp_path, monkeypatch, caplog):
+    from captioning.cli import instantiate_all
+
+    no_wandb_account(monkeypatch, tmp_path)
+    assert not cb.wandb_api_key_found()
+    cfg = compose_cfg("train", ["logger=wandb"], out=tmp_path / "run", cache=tmp_path)
+    with caplog.at_level("WARNING", logger="captioning.training.wandb_log"):
+        trainer, _ = instantiate_all(cfg)
+    csv_logger, wandb_logger = trainer.loggers
+    assert isinstance(csv_logger, CSVLogger) and wandb_logger._offline
+    (line,) = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
+    assert "offline" in line and f"wandb sync {tmp_path / 'run'}/wandb/offline-run-*" in line
+
+
+def test_wandb_with_a_key_or_a_mode_is_left_as_configured(tmp_path, monkeypatch, caplog):
+    no_wandb_account(monkeypatch, tmp_path)
+    home = tmp_path / "home"
+    home.mkdir(parents=True)
+    (home / ".netrc").write_text(
+        "machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n"
+    )
+    (home / ".netrc").chmod(0o600)
+    assert cb.wandb_api_key_found()
+    assert not cb.wandb_logger(project="p", save_dir=str(tmp_path))._offline
+    (home / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert not cb.wandb_logger(project="p", save_dir=str(tmp_path))._offline
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B's own switch: nothing to say
+    with caplog.at_level("WARNING", logger="captioning.training.wandb_log"):
+        cb.wandb_logger(project="p", save_dir=str(tmp_path))
+    assert not [r for r in caplog.records if "W&B" in r.getMessage()]
 
 
 def compose_with_hydra(overrides: list[str]):
@@ -306,3 +350,37 @@ def test_optuna_study_gets_the_selection_metric(tmp_path, data_cache):
     assert set(results.best_params) == {"decoder.hidden_dim", "optim.decoder_lr"}
     rows = list(csv.DictReader((sweep / "report.csv").open()))  # SweepReport, at the study's end
     assert [r["job"] for r in rows] == ["0", "1"] and "optim.decoder_lr" in rows[0]
+
+
+@pytest.mark.slow
+def test_a_run_with_wandb_and_no_account_logs_offline_beside_csv(tmp_path, data_cache):
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "CAPTIONING_CACHE": str(data_cache),
+        "HOME": str(home),  # no ~/.netrc, no wandb settings: nobody logged in
+        "WANDB_DIR": str(tmp_path / "wandb-dir"),
+        "WANDB_CONFIG_DIR": str(home / ".config" / "wandb"),
+        "WANDB_CACHE_DIR": str(home / ".cache" / "wandb"),
+        "WANDB_DATA_DIR": str(home / "data"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        env.pop(var, None)
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *FAST_RUN, "logger=wandb", f"hydra.run.dir={run}"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,  # a login prompt would fail the run, not hang it
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "UsageError" not in out
+    lines = [line for line in out.splitlines() if "W&B: no API key" in line]
+    assert len(lines) == 1 and f"wandb sync {run}/wandb/offline-run-*" in lines[0]
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert (run / "csv" / "metrics.csv").is_file()  # the CSV log is kept beside W&B's

@@ -44,6 +44,26 @@ def test_evaluate_config_composes(tmp_path):
     assert cfg.decode.beam_size == 3 and cfg.split == "test"
 
 
+def test_trainer_gpu_settings_are_config_keys_applied_on_cuda_only(tmp_path):
+    from captioning.cli import instantiate_all
+    from captioning.errors import ConfigError
+
+    cfg = compose_cfg("train", ["trainer=gpu"], out=tmp_path)
+    assert cfg.trainer.matmul_precision == "high" and cfg.trainer.benchmark is True
+    assert compose_cfg("train", [], out=tmp_path).trainer.matmul_precision == "highest"
+    before = torch.get_float32_matmul_precision()
+    # the same settings on a CPU trainer: the Trainer takes them, TF32 is left alone
+    cfg = compose_cfg("train", ["trainer=gpu", "trainer.accelerator=cpu"], out=tmp_path)
+    trainer, _ = instantiate_all(cfg)
+    assert trainer.precision == "bf16-mixed"
+    assert torch.get_float32_matmul_precision() == before
+    bad = compose_cfg(
+        "train", ["trainer.matmul_precision=fast", "trainer.accelerator=cpu"], out=tmp_path
+    )
+    with pytest.raises(ConfigError, match="highest, high, medium"):
+        instantiate_all(bad)
+
+
 def tiny(tmp_path: Path, cache: Path, *extra: str):
     return compose_cfg(
         "train", ["debug=tiny", "trainer.accelerator=cpu", *extra], out=tmp_path, cache=cache
@@ -58,9 +78,9 @@ def test_fast_dev_run_trains(tmp_path, data_cache):
 
 
 def test_checkpoint_reloads_to_identical_captions(tmp_path, data_cache):
-    from captioning.datamodule import CaptionDataModule
     from captioning.decoding import generate
     from captioning.inference import load_model
+    from captioning.training.datamodule import CaptionDataModule
 
     cfg = tiny(tmp_path, data_cache, "trainer.max_epochs=1", "test=false")
     train_script.train(cfg)
@@ -108,7 +128,7 @@ def test_only_a_frozen_trunk_in_eval_mode_goes_unreported(tmp_path, data_cache, 
     import re
     import warnings
 
-    from captioning import lit_module
+    from captioning.training import lit_module
 
     def eval_mode_warnings(out: Path) -> list:
         cfg = tiny(out, data_cache, "trainer.fast_dev_run=true", "encoder.fine_tune=none")
@@ -136,7 +156,7 @@ def test_label_smoothing_changes_the_objective_not_the_logged_nll(data_cache):
     """optim.label_smoothing mixes a uniform target into the loss; `ce` stays the plain NLL."""
     import torch.nn.functional as F
 
-    from captioning.datamodule import collate
+    from captioning.data.dataset import collate
     from captioning.errors import ConfigError
     from conftest import module_and_data
 
@@ -156,8 +176,8 @@ def test_label_smoothing_changes_the_objective_not_the_logged_nll(data_cache):
     (plain, ce0), (smoothed, ce1) = losses[0.0], losses[0.2]
     torch.testing.assert_close(ce0, ce1)  # the logged NLL ignores smoothing
 
-    captions = batch["captions"]
-    logits, _ = module.model.decoder(module.features(batch), captions[:, :-1])
+    captions = batch.captions
+    logits, _ = module.model(module.model.features(batch), captions[:, :-1])
     targets = captions[:, 1:].flatten()
     pad = module.vocab.pad_id
     flat = logits.detach().flatten(0, 1)
@@ -174,7 +194,7 @@ def test_label_smoothing_changes_the_objective_not_the_logged_nll(data_cache):
 
 def test_weight_ema_is_what_checkpoints_hold_and_the_test_scores(tmp_path, data_cache, monkeypatch):
     """callbacks.ema: checkpoints' state_dict is the average, and the test after fit scores it."""
-    from captioning.lit_module import CaptioningModule
+    from captioning.training.lit_module import CaptioningModule
 
     seen = {}
 
@@ -196,14 +216,14 @@ def test_weight_ema_is_what_checkpoints_hold_and_the_test_scores(tmp_path, data_
 
 
 def test_weight_ema_rejects_a_decay_outside_0_1():
-    from captioning.callbacks import WeightEMA
+    from captioning.training.callbacks import WeightEMA
 
     with pytest.raises(ValueError, match="decay"):
         WeightEMA(decay=1.0)
 
 
 def test_weight_ema_decay_warms_up():
-    from captioning.callbacks import ema_update
+    from captioning.training.callbacks import ema_update
 
     avg, cur = torch.zeros(3), torch.ones(3)
     for n, d in [(1, 2 / 11), (10, 11 / 20), (20000, 0.999)]:

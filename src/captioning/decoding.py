@@ -3,7 +3,9 @@
 Letters: B images, K beams, V vocabulary, N regions, L generated length.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,10 +24,52 @@ class Hypothesis:
     alphas: Tensor | None  # (L, N) attention over regions for each generated word
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How captions are generated: the `decode`, `val_decode` and `test_decode` config blocks."""
+
+    beam_size: int = 1  # 1: greedy
+    max_len: int | None = None  # None: the vocabulary's longest caption
+    length_penalty: float = 1.0  # beams ranked by log-probability / length**length_penalty
+    allow_unk: bool = False  # never generate <unk> unless allowed
+    no_repeat_ngram: int = 0  # n > 0: no caption repeats one of its n-grams
+    precision: str = "auto"  # beam search's matmuls: auto (bf16 on CPUs with AMX) | fp32 | bf16
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> "DecodeConfig":
+        """From a config block; its other keys (`meteor`) are not about decoding."""
+        cfg = cfg or {}
+        return cls(
+            beam_size=int(cfg.get("beam_size", 1)),
+            max_len=int(cfg["max_len"]) if cfg.get("max_len") else None,
+            length_penalty=float(cfg.get("length_penalty", 1.0)),
+            allow_unk=bool(cfg.get("allow_unk", False)),
+            no_repeat_ngram=int(cfg.get("no_repeat_ngram") or 0),
+            precision=str(cfg.get("precision") or "auto"),
+        )
+
+
 def _ban(logp: Tensor, banned: tuple[int, ...]) -> Tensor:
     """Words that may never be generated (e.g. <unk>): log-probability -inf."""
     if banned:
         logp[:, list(banned)] = float("-inf")
+    return logp
+
+
+def block_repeated_ngrams(logp: Tensor, seqs: Tensor, n: int) -> Tensor:
+    """Words that would repeat an n-gram already in the hypothesis: log-probability -inf.
+
+    logp (R, V) the next word's log-probabilities; seqs (R, L) the words so far, one row per
+    row of logp. A word w is blocked in row r when seqs[r]'s last n-1 words followed by w occur
+    earlier in seqs[r] (n = 1: no word twice). n = 0 blocks nothing. In place; returns logp.
+    """
+    L = seqs.size(1)
+    if n <= 0 or n > L:
+        return logp
+    windows = seqs.unfold(1, n, 1)  # (R, L-n+1, n): every n-gram so far
+    prefix = seqs[:, L - n + 1 :].unsqueeze(1)  # (R, 1, n-1): what the next word completes
+    r, w = (windows[:, :, : n - 1] == prefix).all(dim=2).nonzero(as_tuple=True)
+    logp[r, windows[r, w, n - 1]] = float("-inf")
     return logp
 
 
@@ -42,8 +86,12 @@ def greedy_search(
     end_id: int,
     max_len: int = 20,
     banned: tuple[int, ...] = (),
+    no_repeat_ngram: int = 0,
 ) -> list[Hypothesis]:
-    """Pick the most likely word at every step; at most `max_len` words, then <end>."""
+    """Pick the most likely word at every step; at most `max_len` words, then <end>.
+
+    With `no_repeat_ngram` n > 0, no n-gram occurs twice in a caption (`block_repeated_ngrams`).
+    """
     B = feats.size(0)
     memory = decoder.prepare(feats)
     state = decoder.init_state(memory)
@@ -53,6 +101,8 @@ def greedy_search(
     for t in range(max_len + 1):
         logits, state, alpha = decoder.step(tokens, state, memory)
         logp = _ban(logits.float().log_softmax(dim=-1), banned)  # (B, V)
+        if no_repeat_ngram and words:
+            block_repeated_ngrams(logp, torch.stack(words, 1), no_repeat_ngram)
         if t == max_len:  # the longest caption allowed: only <end> may follow
             best_lp, tokens = logp[:, end_id], torch.full_like(tokens, end_id)
         else:
@@ -103,6 +153,7 @@ def beam_search(
     length_penalty: float = 1.0,
     banned: tuple[int, ...] = (),
     chunk_size: int = CHUNK_SIZE,
+    no_repeat_ngram: int = 0,
     precision: str = "fp32",
 ) -> list[list[Hypothesis]]:
     """Beam search for a batch of images at once; returns each image's beams, best first.
@@ -116,6 +167,7 @@ def beam_search(
     of an image share one copy of its memory (`Decoder.step_grouped`), and the first step runs
     once per image, since all its beams are still the same.
 
+    With `no_repeat_ngram` n > 0, no beam repeats one of its n-grams (`block_repeated_ngrams`).
     `precision` (auto | fp32 | bf16, see `captioning.precision`): the dtype of the step's
     matmuls; auto is bf16 on CPUs with AMX, else fp32.
     """
@@ -134,6 +186,7 @@ def beam_search(
                 max_len,
                 length_penalty,
                 banned,
+                no_repeat_ngram,
             )
     return out
 
@@ -148,6 +201,7 @@ def _beam_chunk(
     max_len: int,
     length_penalty: float,
     banned: tuple[int, ...],
+    no_repeat_ngram: int = 0,
 ) -> list[list[Hypothesis]]:
     # A: images still running; G: state rows per image (1 before the first word, then K)
     C, device = feats.size(0), feats.device
@@ -168,6 +222,8 @@ def _beam_chunk(
         if t == 0 or bool(live.all()):
             logits, state, alpha = decoder.step_grouped(tokens, state, memory, G)
             logp = _log_probs(logits, banned, end_id, t == max_len)  # (A*G, V)
+            if no_repeat_ngram:
+                block_repeated_ngrams(logp, seqs.reshape(A * G, t), no_repeat_ngram)
         else:  # ended beams can only add <pad>: the step leaves them out
             rows = live.view(-1).nonzero().squeeze(1)  # (R,)
             logits, new, alpha_r = decoder.step_grouped(
@@ -177,6 +233,8 @@ def _beam_chunk(
                 s.index_copy(0, rows, x.to(s.dtype)) for s, x in zip(state, new, strict=True)
             )
             scored = _log_probs(logits, banned, end_id, t == max_len)  # (R, V)
+            if no_repeat_ngram:  # live beams only: an ended beam's <pad>s are no n-grams
+                block_repeated_ngrams(scored, seqs.reshape(A * G, t)[rows], no_repeat_ngram)
             logp = pad_row.expand(A * G, -1).index_copy(0, rows, scored)  # (A*G, V)
             alpha = None
             if alpha_r is not None:
@@ -285,18 +343,28 @@ def generate(
     length_penalty: float = 1.0,
     banned: tuple[int, ...] = (),
     chunk_size: int = CHUNK_SIZE,
+    no_repeat_ngram: int = 0,
     precision: str = "fp32",
 ) -> list[list[Hypothesis]]:
     """Captions for a batch of region features: greedy for beam 1, else beam search.
 
-    `precision` applies to beam search (greedy decoding runs in fp32).
+    `no_repeat_ngram` n > 0: no caption repeats one of its n-grams (0: off). `precision`
+    applies to beam search (greedy decoding runs in fp32).
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if no_repeat_ngram < 0:
+        raise ValueError(f"no_repeat_ngram must be >= 0 (0: off), got {no_repeat_ngram}")
     _precision.resolve(precision, feats.device)  # a bad value fails for greedy too
     if beam_size == 1:
         hyps = greedy_search(
-            decoder, feats, start_id=start_id, end_id=end_id, max_len=max_len, banned=banned
+            decoder,
+            feats,
+            start_id=start_id,
+            end_id=end_id,
+            max_len=max_len,
+            banned=banned,
+            no_repeat_ngram=no_repeat_ngram,
         )
         return [[h] for h in hyps]
     return beam_search(
@@ -310,6 +378,7 @@ def generate(
         length_penalty=length_penalty,
         banned=banned,
         chunk_size=chunk_size,
+        no_repeat_ngram=no_repeat_ngram,
         precision=precision,
     )
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError
-from .inference import CaptionModel, _same_weights, load_model
+from .inference import CaptionModel, load_model, same_weights
+from .model import HasInputs
 
 
 def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def check_teacher(teacher: CaptionModel, vocab_itos: list[str], student_encoder=
     if (
         len(encoders) != 1
         or getattr(encoders[0], "grid", None) != getattr(student_encoder, "grid", None)
-        or not _same_weights(encoders[0], student_encoder)
+        or not same_weights(encoders[0], student_encoder)
         or teacher.preprocess != student_encoder.preprocess
     ):
         raise ConfigError(
@@ -74,12 +75,11 @@ def check_teacher(teacher: CaptionModel, vocab_itos: list[str], student_encoder=
 
 @torch.no_grad()
 def teacher_log_probs(
-    teacher: CaptionModel, batch: dict[str, Any], inputs: Tensor, lengths: Tensor
+    teacher: CaptionModel, batch: HasInputs, inputs: Tensor, lengths: Tensor
 ) -> Tensor:
     """The teacher's next-word log-probabilities (B, T, V) for the teacher-forced `inputs`."""
     model = teacher.model
-    feats = batch["feats"] if "feats" in batch else model.encode(batch["images"])
-    logits, _ = model.decoder(feats, inputs, lengths=lengths)  # (B, T, V)
+    logits, _ = model(model.features(batch), inputs, lengths=lengths)  # (B, T, V)
     return logits.float().log_softmax(dim=-1)
 
 

@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A file that is not a checkpoint of this project, or one it cannot read."""
+
+
+class CheckpointDirError(UserError):
+    """Checkpoints cannot be written where the run would write them."""

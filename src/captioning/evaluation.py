@@ -8,12 +8,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from .data.dataset import CaptionDataset, collate
 from .data.images import load_rgb
-from .datamodule import CaptionDataset, collate
-from .decoding import Hypothesis
+from .decoding import DecodeConfig, Hypothesis
 from .inference import CaptionModel
-from .transforms import model_view
-from .viz import attention_figure
+from .viz import caption_figure
 
 
 @torch.no_grad()
@@ -22,12 +21,8 @@ def caption_dataset(
     dataset: CaptionDataset,
     *,
     batch_size: int = 100,
-    beam_size: int = 3,
-    max_len: int | None = None,
-    length_penalty: float = 1.0,
-    allow_unk: bool = False,
+    decode: DecodeConfig = DecodeConfig(beam_size=3),
     num_workers: int = 0,
-    precision: str = "auto",
 ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, Hypothesis]]:
     """Best caption, references and best hypothesis (with attention) for every image."""
     loader = DataLoader(
@@ -35,15 +30,8 @@ def caption_dataset(
     )
     preds, refs, hyps = {}, {}, {}
     for batch in loader:
-        beams = cm.caption_tensor(
-            batch["images"].to(cm.device),
-            beam_size=beam_size,
-            max_len=max_len,
-            length_penalty=length_penalty,
-            allow_unk=allow_unk,
-            precision=precision,
-        )
-        for image_id, image_refs, b in zip(batch["image_ids"], batch["refs"], beams, strict=True):
+        beams = cm.caption_tensor(batch.images.to(cm.device), decode)
+        for image_id, image_refs, b in zip(batch.image_ids, batch.refs, beams, strict=True):
             preds[image_id] = cm.text(b[0])
             refs[image_id] = image_refs
             hyps[image_id] = b[0]
@@ -83,12 +71,50 @@ def rank_examples(
 ) -> tuple[list[str], list[str]]:
     """Image ids of the n best and n worst captions by a per-image score."""
     order = sorted(per_image, key=lambda i: (per_image[i].get(key) or 0.0, i))
-    return list(reversed(order[-n:])), order[:n]
+    n = max(n, 0)  # order[-0:] would be every image
+    return list(reversed(order[len(order) - n :])), order[:n]
 
 
 def summary(scores: dict[str, Any]) -> dict[str, Any]:
     """Round for printing; None (unavailable) stays None."""
     return {k: (None if v is None else round(float(v), 4)) for k, v in scores.items()}
+
+
+SHOWN = {"CIDEr": "CIDEr-D"}  # the CIDEr computed here is CIDEr-D
+
+
+def overall(
+    scores: Mapping[str, Any],
+    decode: Mapping[str, Any],
+    split: str,
+    images: int,
+    stats: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """The head of a report: split, decoding settings, the corpus scores, caption statistics."""
+    beam = int(decode.get("beam_size", 1))
+    how = "greedy" if beam == 1 else f"beam {beam}, length penalty {decode.get('length_penalty')}"
+    if decode.get("max_len"):
+        how += f", at most {decode['max_len']} words"
+    lines = [
+        f"Split `{split}`, {images} images; decoding: {how}.",
+        "",
+        "| " + " | ".join(SHOWN.get(k, k) for k in scores) + " |",
+        "|" + "---|" * len(scores),
+        "| "
+        + " | ".join("n/a" if v is None else f"{float(v):.4f}" for v in scores.values())
+        + " |",
+        "",
+    ]
+    if any(v is None for v in scores.values()):
+        lines += ["n/a: not computed (METEOR needs Java, or `decode.meteor=false`).", ""]
+    if stats:
+        lines += [
+            f"Captions: {stats['mean_words']:.1f} words on average, {stats['distinct_words']} "
+            f"distinct words, {stats['distinct_captions']:.0%} given to one image only, "
+            f"{stats['ends_mid_phrase']:.1%} ending mid-phrase.",
+            "",
+        ]
+    return lines
 
 
 def write_report(
@@ -100,13 +126,22 @@ def write_report(
     hyps: dict[str, Hypothesis],
     per_image: dict[str, dict[str, float]],
     n: int = 5,
+    scores: Mapping[str, Any] | None = None,
+    decode: Mapping[str, Any] | None = None,
+    split: str = "",
 ) -> Path:
-    """Write report.md (+ report/*.png) beside the metrics; returns the Markdown path."""
+    """Write report.md (+ report/*.png) beside the metrics; returns the Markdown path.
+
+    It opens with the overall scores and the decoding settings (when given), then shows the
+    best and worst captions by per-image CIDEr-D with their attention maps.
+    """
     fig_dir = run_dir / "report"
     fig_dir.mkdir(parents=True, exist_ok=True)
     best, worst = rank_examples(per_image, "CIDEr", n)
     row_of = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
     lines = [f"# Evaluation report: {cm.meta.get('path', '')}", ""]
+    if scores is not None:
+        lines += overall(scores, decode or {}, split, len(preds), caption_stats(preds))
     for title, ids in (
         ("Best captions (per-image CIDEr-D)", best),
         ("Worst captions (per-image CIDEr-D)", worst),
@@ -115,10 +150,9 @@ def write_report(
         for image_id in ids:
             hyp = hyps[image_id]
             image = load_rgb(dataset.ds[row_of[image_id]]["image"])
-            words = [cm.vocab.itos[t] for t in hyp.tokens]
             name = f"{len(list(fig_dir.iterdir())):03d}.png"
-            seen = model_view(image, cm.preprocess)  # the pixels the attention refers to
-            attention_figure(seen, words, hyp.alphas, cm.grid).save(fig_dir / name)
+            figure = caption_figure(image, hyp.tokens, hyp.alphas, cm.vocab.itos, cm.preprocess)
+            figure.save(fig_dir / name)
             s = per_image[image_id]
             lines += [
                 f"### {image_id}",

@@ -3,6 +3,14 @@
 Keyed by (encoder, weights, preprocessing, grid, dataset split), so changing any of them
 computes the features again. Stored as one fp16 ``.npy`` per split and read back memory-mapped,
 so resident memory stays bounded however large the dataset is.
+
+Extraction can take long (Flickr8k with a large encoder on a CPU: minutes to tens of minutes),
+so it shows its rate and time left and survives an interruption. It writes into
+``<key dir>.partial/``: the features file at its full size, and ``manifest.json`` saying how
+many leading images are done. After each batch the rows are flushed to disk *before* the
+manifest (replaced atomically) counts them, so a kill at any moment loses at most one batch,
+and the next run continues from the manifest. Only a complete split is renamed to the key
+directory, the one place the cache is read from: a partial cache is never mistaken for one.
 """
 
 import hashlib
@@ -10,13 +18,15 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import sys
+import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .encoders import Encoder
 from .errors import DataError
@@ -69,6 +79,81 @@ class _Images(Dataset):
         return self.dataset.image_tensor(i)
 
 
+def _ids_digest(image_ids: list[str]) -> str:
+    return hashlib.sha1(json.dumps(image_ids).encode()).hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # atomic: a reader sees the old manifest or the new one
+
+
+@contextmanager
+def _exclusive(lock: Path):
+    """One extraction per cache directory at a time (two runs started together wait)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    with lock.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+PROGRESS_EVERY_S = 30.0  # without a terminal: one progress line this often
+
+
+class _Progress:
+    """A tqdm bar on a terminal; without one, a log line with rate and time left."""
+
+    def __init__(self, total: int, done: int, what: str, every_s: float | None = None):
+        self.total, self.done, self.first = total, done, done
+        self.start = self.last = time.perf_counter()
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="img", desc=what, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last < self.every_s and self.done < self.total:
+            return
+        self.last = now
+        rate = (self.done - self.first) / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        log.info(
+            "  %d / %d images (%.0f%%), %.1f images/s, %s left",
+            self.done,
+            self.total,
+            100 * self.done / self.total,
+            rate,
+            _duration(left),
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "unknown time"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
 @torch.no_grad()
 def compute_features(
     encoder: Encoder,
@@ -79,47 +164,94 @@ def compute_features(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
 ) -> Path:
-    """Run the frozen encoder over every image of `dataset` into out_dir/features.npy (fp16)."""
+    """Run the frozen encoder over every image of `dataset` into out_dir/features.npy (fp16).
+
+    Continues an interrupted extraction of the same cache (see the module docstring).
+    """
     if out_dir.is_dir():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        was_training = encoder.training
-        encoder.eval().to(device)
-        loader = DataLoader(_Images(dataset), batch_size=batch_size, num_workers=num_workers)
-        mm = None
-        row = 0
-        total = len(dataset.image_ids)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial.mkdir(exist_ok=True)
+    with _exclusive(partial / "lock"):
+        if out_dir.is_dir():  # another run finished it while this one waited
+            return out_dir
+        return _extract(encoder, dataset, out_dir, partial, batch_size, num_workers, device)
+
+
+def _extract(
+    encoder: Encoder,
+    dataset,
+    out_dir: Path,
+    partial: Path,
+    batch_size: int,
+    num_workers: int,
+    device: str | torch.device,
+) -> Path:
+    ids = list(dataset.image_ids)
+    total = len(ids)
+    manifest_path, features_path = partial / "manifest.json", partial / "features.npy"
+    manifest: dict[str, Any] = {}
+    with suppress(OSError, ValueError):
+        manifest = json.loads(manifest_path.read_text())
+    done = int(manifest.get("done", 0))
+    same = manifest.get("images") == total and manifest.get("ids") == _ids_digest(ids)
+    if not (same and 0 < done <= total and features_path.is_file()):
+        done = 0  # nothing usable: start afresh
+    mm = np.load(features_path, mmap_mode="r+") if done else None
+    if done:
+        log.info(
+            "continuing %s features of %d images into %s: %d done by an earlier run",
+            encoder.name, total, out_dir, done,
+        )  # fmt: skip
+    else:
         log.info("computing %s features of %d images into %s", encoder.name, total, out_dir)
-        next_report = total // 10
+    was_training = encoder.training
+    encoder.eval().to(device)
+    todo = Subset(_Images(dataset), range(done, total))
+    loader = DataLoader(todo, batch_size=batch_size, num_workers=num_workers)
+    progress = _Progress(total, done, f"{encoder.name} features")
+    try:
         for images in loader:
             feats = encoder(images.to(device)).float().cpu().numpy()  # (B, N, D)
-            if mm is None:
-                shape = (len(dataset.image_ids), *feats.shape[1:])
-                mm = np.lib.format.open_memmap(tmp / "features.npy", "w+", np.float16, shape)
             if not np.isfinite(feats).all() or np.abs(feats).max() > np.finfo(np.float16).max:
                 raise DataError(
                     f"{encoder.name} features are not finite or exceed the fp16 range of the "
                     f"cache (max |x| = {np.abs(feats).max():.3g}): are the encoder's weights "
                     "those of a trained network? Train with data.feature_cache=false instead"
                 )
-            mm[row : row + len(feats)] = feats
-            row += len(feats)
-            if row >= next_report and row < total:  # long for big encoders on a CPU
-                log.info("  %d / %d images", row, total)
-                next_report += max(total // 10, 1)
-        mm.flush()
-        (tmp / "image_ids.json").write_text(json.dumps(dataset.image_ids))
-        encoder.train(was_training)
-        try:
-            os.rename(tmp, out_dir)  # atomic: a half-written cache is never seen
-        except OSError:  # another process finished first; theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
+            if mm is None:
+                shape = (total, *feats.shape[1:])
+                mm = np.lib.format.open_memmap(features_path, "w+", np.float16, shape)
+            mm[done : done + len(feats)] = feats
+            mm.flush()  # the rows are on disk before the manifest counts them
+            done += len(feats)
+            _write_json(manifest_path, {"images": total, "ids": _ids_digest(ids), "done": done})
+            progress.update(len(feats))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        progress.close()
+        if not done:
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            log.info(
+                "feature extraction stopped after %d of %d images; they are kept in %s and the "
+                "next run continues from there",
+                done, total, partial,
+            )  # fmt: skip
         raise
-    log.info("cached %d feature maps %s in %s", row, tuple(mm.shape[1:]), out_dir)
+    finally:
+        encoder.train(was_training)
+    progress.close()
+    (partial / "image_ids.json").write_text(json.dumps(ids))
+    shape = tuple(mm.shape[1:])
+    del mm
+    for name in ("manifest.json", "lock"):
+        (partial / name).unlink(missing_ok=True)
+    try:
+        os.rename(partial, out_dir)  # atomic: the key directory appears complete or not at all
+    except OSError:  # another process finished first; theirs is as good as ours
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("cached %d feature maps %s in %s", total, shape, out_dir)
     return out_dir
 
 

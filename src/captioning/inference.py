@@ -12,62 +12,22 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .decoding import Hypothesis, generate
+from .checkpoint import model_state, read_checkpoint
+from .decoding import DecodeConfig, Hypothesis
 from .encoders import Preprocess
 from .ensemble import EnsembleDecoder, EnsembleEncoder
 from .errors import CheckpointError
 from .model import Captioner, build_captioner
 from .transforms import make_transform
-from .vocab import SPECIALS, Vocab
-
-SUPPORTED_FORMAT = 1
-# What `load_model` needs from a checkpoint's "captioning" block.
-_REQUIRED = ("encoder", "decoder", "vocab", "preprocess")
+from .viz import square_grid
+from .vocab import Vocab
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint of this project, or raise `CheckpointError` saying why it is not one.
-
-    `weights_only=True` unpickles only plain containers, numbers, strings and tensors, so a file
-    holding any other object (a pickled class whose `__reduce__` would run code, say) is refused
-    before anything in it runs.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty, not a checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types on foreign or corrupt files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated, corrupt, or it holds objects that "
-            f"are not plain tensors and values): {first[:300]}"
-        ) from None
-    info = ckpt.get("captioning") if isinstance(ckpt, dict) else None
-    if not isinstance(info, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(
-            f"{path} is not a checkpoint of this project (no 'captioning' block and 'state_dict'; "
-            "a checkpoint written by train.py has both)"
-        )
-    fmt = info.get("format")
-    if type(fmt) is not int or fmt < 1:
-        raise CheckpointError(f"{path} has an invalid checkpoint format {fmt!r}")
-    if fmt > SUPPORTED_FORMAT:
-        raise CheckpointError(
-            f"{path} has checkpoint format {fmt}, newer than this version supports "
-            f"({SUPPORTED_FORMAT}); upgrade the captioning package"
-        )
-    missing = [k for k in _REQUIRED if not isinstance(info.get(k), dict)]
-    itos = info.get("vocab", {}).get("itos") if isinstance(info.get("vocab"), dict) else None
-    bad_vocab = not isinstance(itos, list) or tuple(itos[: len(SPECIALS)]) != SPECIALS
-    if missing or bad_vocab or not isinstance(info["vocab"].get("max_len"), int):
-        what = ", ".join(missing) or "vocab"
-        raise CheckpointError(f"{path}: the 'captioning' block is incomplete (bad or no {what})")
-    if not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
-        raise CheckpointError(f"{path}: 'state_dict' holds values that are not tensors")
-    return ckpt
+def resolve_device(device: str | torch.device) -> str | torch.device:
+    """`auto`: the GPU when there is one, else the CPU; any other name as it is."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 @dataclass
@@ -93,33 +53,19 @@ class CaptionModel:
 
     @torch.no_grad()
     def caption_tensor(
-        self,
-        images: Tensor,
-        beam_size: int = 3,
-        max_len: int | None = None,
-        length_penalty: float = 1.0,
-        allow_unk: bool = False,
-        precision: str = "auto",
+        self, images: Tensor, decode: DecodeConfig | None = None, **options: Any
     ) -> list[list[Hypothesis]]:
-        """Beams for a batch of images; `precision` of beam search's matmuls: auto (bf16 on
-        CPUs with AMX, else fp32), fp32 or bf16 (see `captioning.precision`)."""
-        feats = self.model.encode(images)  # (B, N, D)
-        return generate(
-            self.model.decoder,
-            feats,
-            beam_size=beam_size,
-            start_id=self.vocab.start_id,
-            end_id=self.vocab.end_id,
-            pad_id=self.vocab.pad_id,
-            max_len=max_len or self.vocab.max_len,
-            length_penalty=length_penalty,
-            banned=self.vocab.banned(allow_unk),
-            precision=precision,
-        )
+        """Beams (best first) for each image (B, 3, S, S). `decode`, or its fields as keywords
+        (`beam_size=3`, the default here)."""
+        if decode is None:
+            decode = DecodeConfig(**{"beam_size": 3, **options})
+        return self.model.generate(self.model.encode(images), self.vocab, decode)
 
-    def caption(self, images: list[Image.Image], **decode: Any) -> list[list[Hypothesis]]:
+    def caption(
+        self, images: list[Image.Image], decode: DecodeConfig | None = None, **options: Any
+    ) -> list[list[Hypothesis]]:
         """Beams (best first) for each PIL image."""
-        return self.caption_tensor(self.images_to_tensor(images), **decode)
+        return self.caption_tensor(self.images_to_tensor(images), decode, **options)
 
     def text(self, hyp: Hypothesis) -> str:
         return self.vocab.decode(hyp.tokens)
@@ -127,11 +73,7 @@ class CaptionModel:
     @property
     def grid(self) -> int | None:
         """Side of the square attention grid, if the encoder's regions form one."""
-        n = self.meta.get("num_regions")
-        if not n:
-            return None
-        side = int(round(n**0.5))
-        return side if side * side == n else None
+        return square_grid(self.meta.get("num_regions") or 0)
 
 
 def load_model(
@@ -152,11 +94,8 @@ def load_model(
     # The trained weights come from the checkpoint, so never fetch the pretrained ones again.
     encoder_cfg = {**info["encoder"], "pretrained": False}
     model = build_captioner(encoder_cfg, info["decoder"], len(vocab))
-    state = {
-        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
-    }
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(model_state(ckpt["state_dict"]))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the model it describes: {e}") from None
     model.eval().to(device)
@@ -194,7 +133,7 @@ def load_ensemble(paths: Sequence[str | Path], device: str | torch.device = "cpu
     for m in members:
         enc, cfg = m.model.encoder, m.meta["encoder"]
         same = next(
-            (i for i, e in enumerate(encoders) if configs[i] == cfg and _same_weights(e, enc)), None
+            (i for i, e in enumerate(encoders) if configs[i] == cfg and same_weights(e, enc)), None
         )
         if same is None:
             encoders.append(enc)
@@ -211,7 +150,7 @@ def load_ensemble(paths: Sequence[str | Path], device: str | torch.device = "cpu
     return CaptionModel(model=model, vocab=first.vocab, preprocess=first.preprocess, meta=meta)
 
 
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Same class and the same tensors (parameters and buffers)."""
     if type(a) is not type(b):
         return False

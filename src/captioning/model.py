@@ -1,11 +1,20 @@
 """Captioner = encoder + decoder, plain PyTorch: no Lightning, no Hydra."""
 
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
 from .decoders import Decoder, build_decoder
+from .decoding import DecodeConfig, Hypothesis, generate
 from .encoders import Encoder, build_encoder
+from .vocab import Vocab
+
+
+class HasInputs(Protocol):
+    """A batch (`data.dataset.Batch`): cached region features, or else images."""
+
+    feats: Tensor | None
+    images: Tensor | None
 
 
 class Captioner(nn.Module):
@@ -19,8 +28,34 @@ class Captioner(nn.Module):
     def encode(self, images: Tensor) -> Tensor:
         return self.encoder(images)  # (B, N, D)
 
-    def forward(self, images: Tensor, inputs: Tensor):
-        return self.decoder(self.encode(images), inputs)
+    def features(self, batch: HasInputs) -> Tensor:
+        """Region features (B, N, D): the batch's cached ones, else the encoder's of its images."""
+        return batch.feats if batch.feats is not None else self.encode(batch.images)
+
+    def forward(
+        self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Teacher forcing: logits (B, T, V) for each next word of `inputs` (B, T), and the
+        attention (B, T, N) or None; `lengths` (B,) lets the decoder skip padding steps."""
+        return self.decoder(feats, inputs, lengths=lengths)
+
+    def generate(
+        self, feats: Tensor, vocab: Vocab, decode: DecodeConfig = DecodeConfig()
+    ) -> list[list[Hypothesis]]:
+        """Captions for region features (B, N, D): per image, the beams, best first."""
+        return generate(
+            self.decoder,
+            feats,
+            beam_size=decode.beam_size,
+            start_id=vocab.start_id,
+            end_id=vocab.end_id,
+            pad_id=vocab.pad_id,
+            max_len=decode.max_len or vocab.max_len,
+            length_penalty=decode.length_penalty,
+            banned=vocab.banned(decode.allow_unk),
+            no_repeat_ngram=decode.no_repeat_ngram,
+            precision=decode.precision,
+        )
 
 
 def build_captioner(

@@ -10,6 +10,11 @@ train.py leaves it:
     checkpoints/*.ckpt                          scores stored with the best checkpoint (fallback)
     run_info.json                               size, training time, best epoch, status (RunInfo)
     test_metrics.json                           test scores of the best checkpoint
+    test_predictions.json                       its captions (a degenerate job: all the same)
+
+A job that finished but whose captions are useless is marked degenerate: every test caption the
+same, or BLEU-4 of zero (not one 4-gram of any caption in the references), which n-gram scores
+alone would show as an ordinary low number.
 """
 
 import argparse
@@ -83,7 +88,7 @@ class Job:
     dir: Path
     overrides: dict[str, str]
     monitor: str = "val/bleu4"
-    status: str = "ok"  # ok | failed
+    status: str = "ok"  # ok | degenerate (finished, but its captions are useless) | failed
     note: str = ""
     best_epoch: int | None = None
     best_score: float | None = None  # the selection metric (monitor) at the best epoch
@@ -222,9 +227,34 @@ def read_job(job_dir: Path) -> Job:
         job.status = "failed"
         why = {"completed": " (stopped during the test)", "running": " (killed, or still running)"}
         job.note = "no test_metrics.json" + why.get(status, "")
+    if job.status == "ok":
+        why = degenerate(job, job_dir)
+        if why:
+            job.status, job.note = "degenerate", why
     if problems:
         job.note = "; ".join([job.note, *problems] if job.note else problems)
     return job
+
+
+DEGENERATE_BLEU4 = 1e-4  # below this no caption shares a 4-gram with its references
+
+
+def degenerate(job: Job, job_dir: Path) -> str:
+    """Why a finished job's model is useless (all test captions the same, BLEU-4 of zero), or ""."""
+    preds_path = job_dir / "test_predictions.json"
+    if preds_path.is_file():
+        try:
+            preds = json.loads(preds_path.read_text())
+            captions = {p["caption"] for p in preds} if isinstance(preds, list) else set()
+        except (OSError, ValueError, KeyError, TypeError):
+            captions = set()
+        if len(captions) == 1 and len(preds) > 1:
+            return f"degenerate: all {len(preds)} test captions are {next(iter(captions))!r}"
+    for split, scores in (("test", job.test), ("val", job.val)):
+        b4 = scores.get("BLEU-4")
+        if b4 is not None and b4 < DEGENERATE_BLEU4:
+            return f"degenerate: {split} BLEU-4 {b4:.1e} (no caption shares a 4-gram with its references)"
+    return ""
 
 
 def find_jobs(sweep_dir: Path) -> list[Path]:
@@ -246,10 +276,17 @@ class Sweep:
     optuna: dict[str, Any] | None = None
 
     def ranked(self) -> list[Job]:
-        """Finished jobs best first, then failed ones, each in job order."""
-        ok = [j for j in self.jobs if j.status == "ok"]
-        ok.sort(key=lambda j: (j.best_score is None, -(j.best_score or 0.0), j.num))
-        return ok + [j for j in self.jobs if j.status != "ok"]
+        """Finished jobs best first, then degenerate ones, then failed ones."""
+        order = {"ok": 0, "degenerate": 1}
+        return sorted(
+            self.jobs,
+            key=lambda j: (
+                order.get(j.status, 2),
+                j.status == "failed" or j.best_score is None,
+                0.0 if j.status == "failed" else -(j.best_score or 0.0),
+                j.num,
+            ),
+        )
 
 
 def read_sweep(sweep_dir: Path) -> Sweep:
@@ -337,11 +374,14 @@ def _settings(job: Job, keys: list[str]) -> str:
 
 def markdown(sweep: Sweep, plot_name: str | None) -> str:
     ok = [j for j in sweep.jobs if j.status == "ok"]
-    failed = [j for j in sweep.jobs if j.status != "ok"]
+    useless = [j for j in sweep.jobs if j.status == "degenerate"]
+    failed = [j for j in sweep.jobs if j.status == "failed"]
     lines = [
         f"# Sweep report: {sweep.dir.name}",
         "",
-        f"`{sweep.dir}`: {len(sweep.jobs)} jobs, {len(ok)} finished, {len(failed)} failed. "
+        f"`{sweep.dir}`: {len(sweep.jobs)} jobs, {len(ok) + len(useless)} finished"
+        + (f" ({len(useless)} degenerate)" if useless else "")
+        + f", {len(failed)} failed. "
         f"Selection metric: `{sweep.monitor}` (validation, best epoch; higher is better). "
         f"Swept: {', '.join(f'`{k}`' for k in sweep.swept) or 'nothing'}.",
         "",
@@ -383,6 +423,11 @@ def markdown(sweep: Sweep, plot_name: str | None) -> str:
         cells += [_fmt(j.val.get(m)) for m in METRICS] + [_fmt(j.test.get(m)) for m in METRICS]
         cells += [_fmt_params(j.params), _fmt_time(j.train_time_s)]
         lines.append("| " + " | ".join(cells) + " |")
+    if useless:
+        lines += ["", "## Degenerate jobs", ""]
+        lines += [
+            f"- {j.label} ({_settings(j, sweep.swept)}): {j.note}  `{j.dir}`" for j in useless
+        ]
     if failed:
         lines += ["", "## Failed jobs", ""]
         lines += [f"- {j.label} ({_settings(j, sweep.swept)}): {j.note}  `{j.dir}`" for j in failed]
@@ -398,10 +443,32 @@ def _numeric(values: list[str]) -> list[float] | None:
 
 
 def plot(sweep: Sweep, path: Path) -> bool:
-    """Selection metric against each swept setting, plus one bar per job; False if nothing ran."""
-    scored = [j for j in sweep.jobs if j.status == "ok" and j.best_score is not None]
-    if not sweep.jobs:
+    """Write `figure(sweep)` to `path`; False if there is nothing to plot."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the table and the CSV matter more than the figure
+        log.warning("report.png skipped: it needs matplotlib (pip install matplotlib)")
         return False
+    fig = figure(sweep)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure(sweep: Sweep):
+    """Selection metric against each swept setting, plus one bar per job; None if nothing ran.
+
+    A numeric setting is an axis with an order: points, and a line through the mean at each
+    value. Any other setting (an encoder's name) has no order between its values, so its means
+    are short bars, never joined by a line. Degenerate jobs are drawn apart (red crosses).
+    """
+    scored = [j for j in sweep.jobs if j.status != "failed" and j.best_score is not None]
+    if not sweep.jobs:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -412,32 +479,41 @@ def plot(sweep: Sweep, path: Path) -> bool:
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     flat = list(axes.flat)
+    good = [j for j in scored if j.status == "ok"]
     for ax, key in zip(flat, sweep.swept, strict=False):
         values = [j.overrides.get(key, "") for j in scored]
         nums = _numeric(values)
-        scores = [j.best_score for j in scored]
         if nums is not None:
+            x_of = dict(zip(values, nums, strict=True))
             levels = sorted(set(nums))
-            ax.scatter(nums, scores, alpha=0.7)
-            means = [
-                sum(s for x, s in zip(nums, scores, strict=True) if x == lv) / nums.count(lv)
-                for lv in levels
-            ]
-            ax.plot(levels, means, "-", color="C1", label="mean")
+        else:
+            names = sorted(set(values))
+            x_of = {v: float(names.index(v)) for v in names}
+            levels = [x_of[v] for v in names]
+        x_good = [x_of[j.overrides.get(key, "")] for j in good]
+        y_good = [j.best_score for j in good]
+        ax.scatter(x_good, y_good, alpha=0.7, label="job")
+        bad = [j for j in scored if j.status == "degenerate"]
+        if bad:
+            x_bad = [x_of[j.overrides.get(key, "")] for j in bad]
+            ax.scatter(
+                x_bad, [j.best_score for j in bad], marker="x", color="C3", label="degenerate"
+            )
+        at = [lv for lv in levels if lv in x_good]
+        means = [
+            sum(y for x, y in zip(x_good, y_good, strict=True) if x == lv) / x_good.count(lv)
+            for lv in at
+        ]
+        if nums is not None:
+            ax.plot(at, means, "-", color="C1", label="mean")
             if levels and levels[0] > 0 and levels[-1] / levels[0] >= 20:
                 ax.set_xscale("log")
             if len(levels) <= 8 and ax.get_xscale() == "linear":
                 ax.set_xticks(levels)
         else:
-            levels = sorted(set(values))
-            pos = [levels.index(v) for v in values]
-            ax.scatter(pos, scores, alpha=0.7)
-            means = [
-                sum(s for v, s in zip(values, scores, strict=True) if v == lv) / values.count(lv)
-                for lv in levels
-            ]
-            ax.plot(range(len(levels)), means, "-", color="C1", label="mean")
-            ax.set_xticks(range(len(levels)), levels, rotation=20, ha="right")
+            ax.scatter(at, means, marker="_", s=900, linewidths=2, color="C1", label="mean")
+            ax.set_xticks(levels, names, rotation=20, ha="right")
+            ax.set_xlim(-0.6, len(names) - 0.4)
         ax.set_xlabel(key)
         ax.set_ylabel(sweep.monitor)
         ax.grid(alpha=0.3)
@@ -451,14 +527,18 @@ def plot(sweep: Sweep, path: Path) -> bool:
         f"{j.num}\n{t}" if short else str(j.num) for j, t in zip(sweep.jobs, settings, strict=True)
     ]
     heights = [
-        j.best_score if j.status == "ok" and j.best_score is not None else 0.0 for j in sweep.jobs
+        j.best_score if j.status != "failed" and j.best_score is not None else 0.0
+        for j in sweep.jobs
     ]
-    colors = ["C0" if j.status == "ok" else "C3" for j in sweep.jobs]
-    bars = ax.bar(labels, heights, color=colors)
+    color = {"ok": "C0", "degenerate": "C1"}
+    bars = ax.bar(labels, heights, color=[color.get(j.status, "C3") for j in sweep.jobs])
     for bar, j in zip(bars, sweep.jobs, strict=True):
-        text = (
-            "failed" if j.status != "ok" else "?" if j.best_score is None else f"{j.best_score:.3g}"
-        )
+        if j.status == "failed":
+            text = "failed"
+        elif j.best_score is None:
+            text = "?"
+        else:
+            text = f"{j.best_score:.3g}" + ("\ndegenerate" if j.status == "degenerate" else "")
         ax.annotate(
             text,
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -470,13 +550,12 @@ def plot(sweep: Sweep, path: Path) -> bool:
     ax.set_xlabel(f"job: {', '.join(sweep.swept)}" if short else "job (settings in report.md)")
     ax.set_ylabel(sweep.monitor)
     ax.set_title("per job", fontsize=9)
+    ax.margins(y=0.15)  # room for the labels above the bars
     for extra in flat[n:]:
         extra.axis("off")
     fig.suptitle(f"{sweep.dir.name}: best {sweep.monitor} per job", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def write_report(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:

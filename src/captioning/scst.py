@@ -29,7 +29,8 @@ from torch import Tensor
 from .decoders import Decoder
 from .decoding import greedy_search, sample
 from .errors import ConfigError
-from .metrics import CiderD, sentence_bleu, tokenize_caption
+from .metrics import CiderD, sentence_bleu
+from .tokenizer import tokenize_caption
 from .vocab import Vocab
 
 BASELINES = ("greedy", "mean")

@@ -1,11 +1,22 @@
 """Attention overlays: one smoothed, upsampled heat map per generated word (the paper's figures)."""
 
+from collections.abc import Sequence
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from torch import Tensor
 
+from .encoders import Preprocess
+from .transforms import model_view
 
-def _heat(alpha: np.ndarray) -> np.ndarray:
+
+def square_grid(n_regions: int) -> int | None:
+    """Side of the square grid that `n_regions` attention weights form, or None."""
+    side = int(round(n_regions**0.5))
+    return side if n_regions and side * side == n_regions else None
+
+
+def heat_colours(alpha: np.ndarray) -> np.ndarray:
     """(h, w) attention in [0, 1] -> (h, w, 3) uint8 colours (black-red-yellow-white ramp)."""
     a = np.clip(alpha, 0.0, 1.0)
     r = np.clip(3 * a, 0, 1)
@@ -28,7 +39,7 @@ def overlay(
     small = Image.fromarray((a * 255).astype(np.uint8), mode="L")
     up = small.resize((w, h), Image.Resampling.BICUBIC)
     up = up.filter(ImageFilter.GaussianBlur(blur if blur is not None else max(w, h) / grid / 3))
-    heat = Image.fromarray(_heat(np.asarray(up, dtype=np.float32) / 255.0))
+    heat = Image.fromarray(heat_colours(np.asarray(up, dtype=np.float32) / 255.0))
     mask = up.point(lambda v: int(v * strength))  # transparent where attention is low
     base = image.convert("RGB")
     return Image.composite(heat, base, mask)
@@ -57,3 +68,18 @@ def attention_figure(
         fig.paste(im, (x, y + label_h))
         draw.text((x + 4, y + 3), label, fill="black")
     return fig
+
+
+def caption_figure(
+    image: Image.Image,
+    tokens: Sequence[int],
+    alphas: Tensor | np.ndarray | None,
+    itos: Sequence[str],
+    preprocess: Preprocess,
+    tile: int = 160,
+) -> Image.Image:
+    """The attention figure of a generated caption (CLI, evaluation report, W&B table): the part
+    of the original `image` the model saw (what its attention refers to), then each word's map."""
+    words = [itos[t] for t in tokens]
+    grid = square_grid(alphas.shape[-1]) if alphas is not None else None
+    return attention_figure(model_view(image, preprocess), words, alphas, grid, tile=tile)

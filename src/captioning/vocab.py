@@ -4,7 +4,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 # Captions are split exactly as coco-caption scores them, so generated words are the scorer's tokens.
-from .metrics import tokenize
+from .tokenizer import tokenize
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)

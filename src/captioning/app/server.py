@@ -2,7 +2,7 @@
 
     create_app(ckpt_path)  ->  FastAPI app (the model loads once, here)
     POST /api/caption      multipart field "file" (or the raw image as the body) -> caption JSON
-    GET  /api/health, /api/model, /openapi.json, /docs, /  (the page)
+    GET  /api/health, /api/model, /openapi.json, /docs (/redoc leads there), /  (the page)
 
 The upload limit is enforced while the body streams in, so a 5 GB upload costs at most the limit
 in memory; every bad input is a 4xx JSON `{"detail": "..."}`, never a 5xx.
@@ -10,15 +10,18 @@ in memory; every bad input is a 4xx JSON `{"detail": "..."}`, never a 5xx.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
@@ -26,7 +29,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..data.images import ImageDecodeError
 from ..errors import UserError
-from .service import APP_THREADS, CaptionService, Limits
+from .service import APP_THREADS, BATCH_WAIT_MS, MAX_BATCH, CaptionService, Limits
 
 log = logging.getLogger("captioning.app")
 STATIC = Path(__file__).parent / "static"
@@ -60,6 +63,8 @@ class CaptionResponse(BaseModel):
     overlays: list[str] | None  # PNG data URLs per word of the best beam (?overlays=true)
     image: ImageInfo
     beam_size: int
+    warnings: list[str]  # damaged image data, a caption cut off at the length limit
+    batch_size: int  # images beam-searched together with this one (1: alone)
     timings_ms: dict[str, float]
 
 
@@ -90,35 +95,65 @@ UPLOAD_BODY = {
 class ClientError(Exception):
     """Becomes a 4xx JSON response."""
 
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, close: bool = False):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.close = close  # the body was not read to its end: the connection cannot be reused
 
 
 # ---------------------------------------------------------------- reading the upload
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request body, or a 413 once it passes `limits.max_upload_bytes` plus the envelope.
+
+    An over-limit body is read to its end and thrown away before the 413 goes out, up to
+    `limits.drain_bytes`: a client that sends its whole body before reading the answer (a browser
+    form, urllib, anything without `Expect: 100-continue`) would otherwise meet a closed socket
+    and report a broken pipe instead of the 413. Past that cap, or when the client waits for
+    `100 Continue`, the 413 goes out at once and the connection closes.
+    """
+    limit = limits.max_upload_bytes + ENVELOPE_BYTES
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            if int(declared) > limit:
-                raise ClientError(413, _too_large(limit))
+            size = int(declared)
         except ValueError:
             raise ClientError(400, "invalid Content-Length header") from None
+        if size > limit:
+            waits = request.headers.get("expect", "").lower() == "100-continue"
+            if waits or size > limits.drain_bytes:
+                raise ClientError(413, too_large(limits, size), close=True)
+            await _drain(request.stream(), limits.drain_bytes)
+            raise ClientError(413, too_large(limits, size))
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:  # a chunked upload that never declared its length
-            raise ClientError(413, _too_large(limit))
+            total = await _drain(stream, limits.drain_bytes - size)
+            if total is None:
+                raise ClientError(413, too_large(limits), close=True)
+            raise ClientError(413, too_large(limits, size + total))
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(limit: int) -> str:
-    return f"upload too large: the limit is {limit / 2**20:.1f} MB"
+async def _drain(stream: AsyncIterator[bytes], budget: int) -> int | None:
+    """Read and discard the rest of the body: its size, or None once it passes `budget`."""
+    n = 0
+    async for chunk in stream:
+        n += len(chunk)
+        if n > budget:
+            return None
+    return n
+
+
+def too_large(limits: Limits, size: int | None = None) -> str:
+    """The one message for an upload over the limit, whichever check caught it."""
+    what = f"upload too large ({size / 2**20:.1f} MB)" if size else "upload too large"
+    return f"{what}: the limit is {limits.max_upload_bytes / 2**20:.3g} MB"
 
 
 async def parse_upload(request: Request, limits: Limits) -> tuple[bytes, str, dict[str, str]]:
@@ -128,10 +163,10 @@ async def parse_upload(request: Request, limits: Limits) -> tuple[bytes, str, di
         raise ClientError(
             415, "send the image as multipart/form-data (field 'file') or as the raw request body"
         )
-    body = await read_body(request, limits.max_upload_bytes + ENVELOPE_BYTES)
+    body = await read_body(request, limits)
     if not ctype.startswith("multipart/form-data"):
         if len(body) > limits.max_upload_bytes:
-            raise ClientError(413, _too_large(limits.max_upload_bytes))
+            raise ClientError(413, too_large(limits, len(body)))
         return body, "upload", {}
 
     async def stream():
@@ -162,7 +197,7 @@ async def parse_upload(request: Request, limits: Limits) -> tuple[bytes, str, di
     finally:
         await form.close()
     if len(data) > limits.max_upload_bytes:
-        raise ClientError(413, _too_large(limits.max_upload_bytes))
+        raise ClientError(413, too_large(limits, len(data)))
     return data, name, fields
 
 
@@ -175,12 +210,34 @@ def create_app(
     threads: int | None = APP_THREADS,
     limits: Limits | None = None,
     service: CaptionService | None = None,
+    batch_wait_ms: float = BATCH_WAIT_MS,
+    max_batch: int = MAX_BATCH,
 ) -> FastAPI:
     """Load the model once and build the app; `service` lets tests share one loaded model."""
-    svc = service or CaptionService(ckpt_path, device=device, threads=threads, limits=limits)
+    svc = service or CaptionService(
+        ckpt_path,
+        device=device,
+        threads=threads,
+        limits=limits,
+        batch_wait_ms=batch_wait_ms,
+        max_batch=max_batch,
+    )
     limits = svc.limits
-    app = FastAPI(
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if service is None:  # a service handed in belongs to the caller
+            svc.close()
+
+    # Swagger UI from the files fastapi-offline installs, not a CDN: /docs works offline. ReDoc
+    # is left out: its page loads a logo from the vendor's CDN whatever the options say.
+    app = FastAPIOffline(
         title="Show, Attend and Tell",
+        redoc_url=None,
+        # No "validate this spec" badge: it would send the spec to an outside service.
+        swagger_ui_parameters={"validatorUrl": None},
+        lifespan=lifespan,
         version=str(svc.cm.meta.get("code_version") or "0"),
         description="Caption an image and see where the model looked for each word. "
         "Upload with `curl -F file=@photo.jpg http://HOST/api/caption?beam_size=3`.",
@@ -190,7 +247,8 @@ def create_app(
 
     @app.exception_handler(ClientError)
     async def client_error(_: Request, e: ClientError) -> JSONResponse:
-        return JSONResponse({"detail": e.detail}, status_code=e.status)
+        headers = {"connection": "close"} if e.close else None
+        return JSONResponse({"detail": e.detail}, status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_params(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -225,17 +283,24 @@ def create_app(
         overlays: bool = Query(False, description="also return PNG heat maps per word"),
     ) -> JSONResponse:
         """Caption one image: the beams best first, each word's attention over the image grid."""
-        data, name, fields = await parse_upload(request, limits)
-        if beam_size is None:
-            beam_size = _int_field(fields.get("beam_size"), 3, limits.max_beam)
+        arrived = svc.announce()  # a batch starting now waits for this upload
         try:
-            result = await run_in_threadpool(svc.caption, data, name, beam_size, overlays)
+            data, name, fields = await parse_upload(request, limits)
+            if beam_size is None:
+                beam_size = _int_field(fields.get("beam_size"), 3, limits.max_beam)
+            result = await run_in_threadpool(svc.caption, data, name, beam_size, overlays, arrived)
         except ImageDecodeError as e:
             raise ClientError(400, f"not a usable image: {e.reason}") from None
         except UserError as e:
             raise ClientError(422, str(e)) from None
+        finally:
+            arrived()
         # Already plain JSON types: skip re-validating ~1,500 attention floats per request.
         return JSONResponse(result)
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> RedirectResponse:
+        return RedirectResponse("/docs")
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -26,4 +26,4 @@ def load_splits(source: str, **cfg):
 
 def _import_sources() -> None:
     # Imported lazily: each module registers itself, and some pull in heavy dependencies.
-    from . import sources, synthetic  # noqa: F401
+    from . import coco, flickr, hub, synthetic  # noqa: F401

@@ -15,8 +15,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ConfigError
+from ..fsutil import atomic_dir
 from . import SOURCES, SPLITS
 
 log = logging.getLogger(__name__)
@@ -349,24 +348,14 @@ def build_synthetic(
 def _generate_to(
     path: Path, counts: dict[str, int], seed: int, image_size: int, max_objects: int
 ) -> None:
-    # Written into a sibling temporary folder, then renamed: a reader sees all of it or nothing,
-    # and of two processes generating at once, the second to finish just drops its copy.
-    path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log.info("generating the synthetic dataset into %s", path)
-    dd = datasets.DatasetDict(
-        {s: generate_split(s, counts[s], seed, image_size, max_objects) for s in SPLITS}
-    )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    # A reader sees all of it or nothing; of two processes generating at once, one copy stays.
+    with atomic_dir(path) as tmp:
+        dd = datasets.DatasetDict(
+            {s: generate_split(s, counts[s], seed, image_size, max_objects) for s in SPLITS}
+        )
         dd.save_to_disk(str(tmp))
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not path.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("generated %d images in %.1f s", sum(counts.values()), time.perf_counter() - start)
 
 

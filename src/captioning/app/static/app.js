@@ -18,10 +18,14 @@ async function init() {
       `encoder ${info.encoder.name}`,
       `decoder ${info.decoder.name}`,
       `${info.vocab_size} words`,
-      info.data && info.data.name ? `trained on ${info.data.name}` : null,
       metric != null ? `${info.monitor} ${Number(metric).toFixed(3)}` : null,
     ];
     $("model-info").textContent = parts.filter(Boolean).join(" · ");
+    $("model-data").textContent = `Trained on ${info.trained_on}. ${scoresText(info.test_scores)}`;
+    if (info.notice) {
+      withCode($("model-notice"), info.notice);
+      $("model-notice").hidden = false;
+    }
   } catch (e) {
     $("model-info").textContent = "model information unavailable";
   }
@@ -50,6 +54,43 @@ async function init() {
   document.body.dataset.ready = "1";
 }
 
+// "Test scores: BLEU-4 0.224 · CIDEr-D 0.560 (beam 5)", saying whose scores they are.
+function scoresText(test) {
+  if (!test) return "Test scores: not known (no test_metrics.json in the checkpoint's run).";
+  const names = { "BLEU-4": "BLEU-4", CIDEr: "CIDEr-D", METEOR: "METEOR", "ROUGE-L": "ROUGE-L" };
+  const shown = Object.entries(names)
+    .filter(([k]) => test.metrics[k] != null)
+    .map(([k, label]) => `${label} ${Number(test.metrics[k]).toFixed(3)}`);
+  const d = test.decode || {};
+  const how = d.beam_size > 1 ? `beam ${d.beam_size}` : d.beam_size === 1 ? "greedy" : "";
+  const whose = test.this_checkpoint ? "" : ` Scores of this run's ${test.checkpoint || "final weights"}.`;
+  return `Test scores: ${shown.join(" · ")}${how ? ` (${how})` : ""}.${whose}`;
+}
+
+// Text with `code` spans, built as DOM nodes (never HTML from the server).
+function withCode(el, text) {
+  el.replaceChildren();
+  text.split("`").forEach((part, i) => {
+    if (i % 2) {
+      const code = document.createElement("code");
+      code.textContent = part;
+      el.append(code);
+    } else {
+      el.append(part);
+    }
+  });
+}
+
+function showWarnings(list) {
+  const ul = $("warnings");
+  ul.replaceChildren(...list.map((w) => {
+    const li = document.createElement("li");
+    li.textContent = w;
+    return li;
+  }));
+  ul.hidden = list.length === 0;
+}
+
 function showError(msg) {
   $("error").textContent = msg;
   $("error").hidden = !msg;
@@ -57,6 +98,7 @@ function showError(msg) {
 
 async function upload(file) {
   showError("");
+  showWarnings([]);
   $("busy").hidden = false;
   const form = new FormData();
   form.append("file", file, file.name);
@@ -70,6 +112,7 @@ async function upload(file) {
     photo.src = URL.createObjectURL(file);
     try { await photo.decode(); } catch (e) { /* a format the browser cannot show, e.g. TIFF */ }
     render(body);
+    showWarnings(body.warnings || []);
   } catch (e) {
     showError(`Could not caption ${file.name}: ${e.message}`);
   } finally {
@@ -117,8 +160,11 @@ function render(result) {
   });
   const t = result.timings_ms;
   const ms = Object.values(t).reduce((a, b) => a + b, 0);
+  const together = result.batch_size > 1
+    ? ` · searched together with ${result.batch_size - 1} other image${result.batch_size > 2 ? "s" : ""}`
+    : "";
   $("meta").textContent = `${img.width}×${img.height} ${img.format} · beam size ${result.beam_size}` +
-    ` · ${ms.toFixed(0)} ms on the server (model ${t.model.toFixed(0)} ms)`;
+    ` · ${ms.toFixed(0)} ms on the server (model ${t.model.toFixed(0)} ms)${together}`;
   selectBeam(0);
 }
 

@@ -1,41 +1,37 @@
 """LightningModule: plain hyperparameters in, builds the Captioner itself, scores generated captions."""
 
 import math
-import subprocess
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .decoding import generate
-from .distill import check_config as distill_config
-from .distill import distill_loss, kl_to_teacher, teacher_log_probs
-from .errors import ConfigError
-from .inference import CaptionModel
-from .metrics import CiderD, score_corpus
-from .model import build_captioner
-from .scst import check_config as scst_config
-from .scst import reward_scorer, self_critical_step
-from .vocab import Vocab
+from ..checkpoint import checkpoint_block
+from ..data.dataset import Batch
+from ..decoding import DecodeConfig
+from ..distill import distill_loss, kl_to_teacher, teacher_log_probs
+from ..errors import ConfigError
+from ..inference import CaptionModel
+from ..meteor import meteor_mode
+from ..metrics import LOG_NAMES, CiderD, score_corpus
+from ..model import build_captioner
+from ..scst import reward_scorer, self_critical_step
+from ..vocab import Vocab
 
 # Lightning's warning at the start of training (see CaptioningModule.on_fit_start).
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
-CHECKPOINT_FORMAT = 1  # bump when the "captioning" block of a checkpoint changes incompatibly
-
-METRIC_KEYS = {
-    "BLEU-1": "bleu1",
-    "BLEU-2": "bleu2",
-    "BLEU-3": "bleu3",
-    "BLEU-4": "bleu4",
-    "METEOR": "meteor",
-    "ROUGE-L": "rouge_l",
-    "CIDEr": "cider",
-}
+# Lightning's advice, under DDP, to log epoch-level metrics with sync_dist=True. The caption
+# scores need no reduction across ranks: `_gather_and_score` gives every rank all the captions
+# (each image once), and every rank scores that same set identically, so each rank logs the
+# corpus score itself. Averaging those would be a no-op at best; averaging per-rank scores
+# instead would be wrong (corpus BLEU and CIDEr-D are not means over images). Only these names
+# are quieted; the losses are per-batch means and are logged with sync_dist=True.
+SYNC_DIST_ADVICE = (
+    r"It is recommended to use `self\.log\('(val|test)/(bleu[1-4]|meteor|rouge_l|cider)(_best)?'"
+)
 
 
 def only_the_frozen_trunk_in_eval_mode(module: L.LightningModule) -> bool:
@@ -80,12 +76,13 @@ class CaptioningModule(L.LightningModule):
         if monitor not in ("val/bleu4", "val/cider"):
             raise ConfigError(f"monitor must be one of val/bleu4, val/cider; got {monitor!r}")
         self.monitor = monitor
+        meteor_mode(test_decode.get("meteor"), "test_decode.meteor")  # a bad value fails now
         # Self-critical stage (captioning/scst.py): batches are images with their references.
-        self.scst = scst_config(scst) if scst else None
+        self.scst = scst or None  # checked by scst.check_config (training/setup.py)
         self._cider: CiderD | None = None
         # Distillation (captioning/distill.py): the teacher is set with `set_teacher`. It is kept
         # out of the module tree so that its weights stay out of the checkpoints and optimiser.
-        self.distill = distill_config(distill) if distill else None
+        self.distill = distill or None  # checked by distill.check_config
         self._teacher: list[CaptionModel] = []
         if compile:  # torch.compile of the decoder's training step; weights keep their keys
             self.model.decoder.compile_step()
@@ -94,19 +91,13 @@ class CaptioningModule(L.LightningModule):
         self.test_predictions: dict[str, str] = {}
         self.test_metrics: dict[str, float | None] = {}
 
-    def features(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Region features (B, N, D): cached ones when the batch has them, else the encoder's."""
-        if "feats" in batch:
-            return batch["feats"]
-        return self.model.encode(batch["images"])
-
     # -- training ---------------------------------------------------------------------------
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        captions = batch["captions"]  # (B, L): <start> w1 .. wn <end> <pad>..
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        captions = batch.captions  # (B, L): <start> w1 .. wn <end> <pad>..
         inputs, targets = captions[:, :-1], captions[:, 1:]  # (B, T) each
         # lengths: the decoder skips the padding steps of each row (their logits are masked)
         lengths = (targets != self.vocab.pad_id).sum(1)  # (B,)
-        logits, alphas = self.model.decoder(self.features(batch), inputs, lengths=lengths)
+        logits, alphas = self.model(self.model.features(batch), inputs, lengths=lengths)
         token_nll = F.cross_entropy(
             logits.flatten(0, 1).float(),
             targets.flatten(),
@@ -150,64 +141,56 @@ class CaptioningModule(L.LightningModule):
             self._cider = reward_scorer(refs, self.scst)
         if only_the_frozen_trunk_in_eval_mode(self):
             warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+        warnings.filterwarnings("ignore", message=SYNC_DIST_ADVICE)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def on_test_start(self) -> None:
+        warnings.filterwarnings("ignore", message=SYNC_DIST_ADVICE)  # trainer.test without fit
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.scst is not None:
             return self._self_critical_step(batch)
         loss, ce = self.loss(batch)
-        bs = batch["captions"].size(0)
+        bs = batch.captions.size(0)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/ce", ce, batch_size=bs)
         return loss
 
-    def _self_critical_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        if "image_ids" not in batch:
+    def _self_critical_step(self, batch: Batch) -> torch.Tensor:
+        if batch.image_ids is None:
             raise ConfigError("self-critical training needs batches of images with references")
         # No dropout and no batch statistics here (see captioning/scst.py); gradients still flow.
         self.model.encoder.eval()
         loss, stats = self_critical_step(
             self.model.decoder,
-            self.features(batch),
-            batch["image_ids"],
+            self.model.features(batch),
+            batch.image_ids,
             self.vocab,
             self._cider,
             self.scst,
             self.vocab.banned(False),
         )
-        bs = len(batch["image_ids"])
+        bs = len(batch.image_ids)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=bs)
         return loss
 
     # -- evaluation -------------------------------------------------------------------------
-    def _generate(self, feats: torch.Tensor, decode: dict[str, Any]) -> list[str]:
-        beams = generate(
-            self.model.decoder,
-            feats,
-            beam_size=int(decode.get("beam_size", 1)),
-            start_id=self.vocab.start_id,
-            end_id=self.vocab.end_id,
-            pad_id=self.vocab.pad_id,
-            max_len=int(decode.get("max_len") or self.vocab.max_len),
-            length_penalty=float(decode.get("length_penalty", 1.0)),
-            banned=self.vocab.banned(bool(decode.get("allow_unk", False))),
-            precision=str(decode.get("precision", "auto")),
-        )
-        return [self.vocab.decode(b[0].tokens) for b in beams]
-
-    def _eval_step(self, batch: dict[str, Any], decode: dict[str, Any], stage: str) -> None:
-        feats = self.features(batch)
-        captions = batch["captions"]
+    def _eval_step(self, batch: Batch, decode: dict[str, Any], stage: str) -> None:
+        feats = self.model.features(batch)
+        captions = batch.captions
         lengths = (captions[:, 1:] != self.vocab.pad_id).sum(1)  # (B,)
-        logits, _ = self.model.decoder(feats, captions[:, :-1], lengths=lengths)
+        logits, _ = self.model(feats, captions[:, :-1], lengths=lengths)
         ce = F.cross_entropy(
             logits.flatten(0, 1).float(), captions[:, 1:].flatten(), ignore_index=self.vocab.pad_id
         )
-        self.log(f"{stage}/loss", ce, batch_size=len(batch["image_ids"]), sync_dist=True)
-        captions = self._generate(feats, decode)
-        self._outputs.extend(zip(batch["image_ids"], captions, batch["refs"], strict=True))
+        self.log(f"{stage}/loss", ce, batch_size=len(batch.image_ids), sync_dist=True)
+        beams = self.model.generate(feats, self.vocab, DecodeConfig.from_dict(decode))
+        captions = [self.vocab.decode(b[0].tokens) for b in beams]
+        self._outputs.extend(zip(batch.image_ids, captions, batch.refs, strict=True))
 
-    def _gather_and_score(self, meteor: bool) -> tuple[dict[str, str], dict[str, float | None]]:
+    def _gather_and_score(
+        self, meteor: bool | None
+    ) -> tuple[dict[str, str], dict[str, float | None]]:
         outputs = self._outputs
         self._outputs = []
         if self.trainer.world_size > 1:  # every rank gets every caption
@@ -220,29 +203,30 @@ class CaptioningModule(L.LightningModule):
             preds[image_id], refs[image_id] = caption, image_refs
         return preds, score_corpus(preds, refs, meteor=meteor)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, self.hparams.val_decode, "val")
 
     def on_validation_epoch_end(self) -> None:
         _, scores = self._gather_and_score(meteor=False)
         if self.trainer.sanity_checking:
             return
-        values = {f"val/{METRIC_KEYS[k]}": v for k, v in scores.items() if v is not None}
-        self.log_dict(values, sync_dist=False)  # identical on every rank after the gather
+        values = {f"val/{LOG_NAMES[k]}": v for k, v in scores.items() if v is not None}
+        self.log_dict(values, sync_dist=False)  # identical on every rank: see SYNC_DIST_ADVICE
         current = values[self.monitor]
         if math.isfinite(current):
             self.best = max(self.best, current)
         self.log(f"{self.monitor}_best", self.best)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, self.hparams.test_decode, "test")
 
     def on_test_epoch_end(self) -> None:
-        preds, scores = self._gather_and_score(
-            meteor=bool(self.hparams.test_decode.get("meteor", True))
-        )
+        # test_decode.meteor: auto (None) when absent, as in conf/train.yaml; `true` was checked
+        # before training (captioning.meteor.require_meteor)
+        mode = meteor_mode(self.hparams.test_decode.get("meteor"), "test_decode.meteor")
+        preds, scores = self._gather_and_score(meteor=mode)
         self.test_predictions, self.test_metrics = preds, scores
-        self.log_dict({f"test/{METRIC_KEYS[k]}": v for k, v in scores.items() if v is not None})
+        self.log_dict({f"test/{LOG_NAMES[k]}": v for k, v in scores.items() if v is not None})
 
     # -- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -298,34 +282,17 @@ class CaptioningModule(L.LightningModule):
             for k, v in self.trainer.callback_metrics.items()
             if isinstance(v, torch.Tensor) and v.numel() == 1
         }
-        checkpoint["captioning"] = {
-            "format": CHECKPOINT_FORMAT,
-            "encoder": dict(h.encoder),
-            "decoder": dict(h.decoder),
-            "vocab": self.vocab.to_dict(),
-            "preprocess": self.model.encoder.preprocess.to_dict(),
-            "data": dict(h.data_info or {}),
-            "metrics": metrics,
-            "monitor": self.monitor,
-            "monitor_best": float(self.best),  # exact, for `{monitor}_best` after a resume
-            "code_version": code_version(),
-        }
+        checkpoint["captioning"] = checkpoint_block(
+            encoder=h.encoder,
+            decoder=h.decoder,
+            vocab=self.vocab.to_dict(),
+            preprocess=self.model.encoder.preprocess.to_dict(),
+            data=h.data_info,
+            metrics=metrics,
+            monitor=self.monitor,
+            monitor_best=self.best,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A resumed run logs the same `{monitor}_best` as the uninterrupted one."""
         self.best = float(checkpoint.get("captioning", {}).get("monitor_best", -math.inf))
-
-
-def code_version() -> str:
-    """Package version plus the git commit when run from a checkout."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__

@@ -1,156 +1,20 @@
 """LightningDataModule: any registered source -> vocabulary from train -> padded batches."""
 
-import hashlib
-import json
-import logging
 import random
 import signal
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from .data import load_splits
-from .data.images import ImageDecodeError, load_rgb, warn_skipped
-from .encoders import Encoder, Preprocess
-from .errors import ConfigError, DataError
-from .features import cache_dir_for, cache_key, compute_features, load_features
-from .transforms import make_transform
-from .vocab import Vocab, tokenize
-
-log = logging.getLogger(__name__)
-
-
-class CaptionDataset(Dataset):
-    """Rows of a `datasets.Dataset` as tensors.
-
-    Training yields one sample per (image, caption) pair; evaluation one per image with all its
-    references. Images that fail to decode are dropped up front (counted, one warning), so a
-    DataLoader worker never meets them.
-    """
-
-    def __init__(
-        self,
-        hf_ds,
-        vocab: Vocab,
-        preprocess: Preprocess,
-        *,
-        train: bool,
-        preload: bool = False,
-        name: str = "",
-    ):
-        self.ds = hf_ds
-        self.vocab = vocab
-        self.transform = make_transform(preprocess)
-        self.train = train
-        self.image_ids: list[str] = list(hf_ds["image_id"])
-        self.refs: list[list[str]] = [list(c) for c in hf_ds["captions"]]
-        self.images: Tensor | None = None
-        self.features: np.ndarray | None = None  # (M, N, D) fp16, memory-mapped
-        # JPEG draft mode decodes big photos at a reduced scale, no smaller than needed.
-        self.target_size = preprocess.resize_size
-        if preload:  # small datasets: decode once, keep (M, 3, S, S) in memory
-            self.images = self._preload(name)
-        self.refs, self.dropped_captions, self.dropped_images = drop_empty_captions(self.refs, name)
-        encoded = [[torch.tensor(vocab.encode(c)) for c in refs] for refs in self.refs]
-        self.encoded = encoded
-        # An image left without captions yields no sample (and is not scored).
-        if train:
-            self.index = [(i, j) for i, caps in enumerate(encoded) for j in range(len(caps))]
-        else:
-            self.index = [(i, 0) for i in range(len(encoded)) if encoded[i]]
-
-    def _preload(self, name: str) -> Tensor:
-        xs, keep, failures = [], [], []
-        for i in range(len(self.ds)):
-            try:
-                xs.append(self.transform(load_rgb(self.ds[i]["image"])))
-                keep.append(i)
-            except ImageDecodeError as e:
-                failures.append((self.image_ids[i], str(e)))
-        if not keep:
-            raise DataError(f"none of the {len(self.ds)} images of {name} could be decoded")
-        if failures:
-            warn_skipped(failures, len(self.ds))
-            self.image_ids = [self.image_ids[i] for i in keep]
-            self.refs = [self.refs[i] for i in keep]
-        return torch.stack(xs)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def image_tensor(self, i: int) -> Tensor:
-        """The i-th image, preprocessed: (3, S, S)."""
-        if self.images is not None:
-            return self.images[i]
-        return self.transform(load_rgb(self.ds[i]["image"], target_size=self.target_size))
-
-    def _input(self, i: int) -> dict[str, Tensor]:
-        if self.features is not None:  # cached region features of a frozen encoder: (N, D)
-            return {"feats": torch.from_numpy(np.asarray(self.features[i], dtype=np.float32))}
-        return {"image": self.image_tensor(i)}
-
-    def fingerprint(self) -> str:
-        """Identifies the split's images (for the feature cache key)."""
-        h = hashlib.sha1(json.dumps(self.image_ids).encode())
-        h.update(str(getattr(self.ds, "_fingerprint", "")).encode())
-        return h.hexdigest()[:16]
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        i, j = self.index[k]
-        if self.train:
-            return {**self._input(i), "caption": self.encoded[i][j]}
-        return {
-            **self._input(i),
-            "caption": self.encoded[i][0],  # for the teacher-forced validation loss
-            "image_id": self.image_ids[i],
-            "refs": self.refs[i],
-        }
-
-
-def drop_empty_captions(refs: list[list[str]], name: str = "") -> tuple[list[list[str]], int, int]:
-    """Drop captions with no word ("", " ", "."): trained on, they teach the model to stop at once.
-
-    Returns the remaining captions per image, and how many captions and images (left with none)
-    were dropped; both counts are logged once.
-    """
-    kept = [[c for c in caps if tokenize(c)] for caps in refs]
-    captions = sum(len(a) - len(b) for a, b in zip(refs, kept, strict=True))
-    images = sum(1 for a, b in zip(refs, kept, strict=True) if a and not b)
-    if captions:
-        log.warning(
-            "%s: dropped %d empty caption(s); %d image(s) left without any are not used",
-            name or "dataset",
-            captions,
-            images,
-        )
-    return kept, captions, images
-
-
-def collate(samples: list[dict[str, Any]], pad_id: int = Vocab.pad_id) -> dict[str, Any]:
-    """Stack images (or cached features), pad captions to the longest in the batch.
-
-    Padding is masked in the loss, not sorted away.
-    """
-    batch: dict[str, Any] = {}
-    if "feats" in samples[0]:
-        batch["feats"] = torch.stack([s["feats"] for s in samples])  # (B, N, D)
-    else:
-        batch["images"] = torch.stack([s["image"] for s in samples])  # (B, 3, S, S)
-    batch |= {
-        "captions": pad_sequence(
-            [s["caption"] for s in samples], batch_first=True, padding_value=pad_id
-        ),  # (B, L)
-    }
-    if "image_id" in samples[0]:
-        batch["image_ids"] = [s["image_id"] for s in samples]
-        batch["refs"] = [s["refs"] for s in samples]
-    return batch
+from ..data import load_splits
+from ..data.dataset import CaptionDataset, collate
+from ..encoders import Encoder, Preprocess
+from ..errors import ConfigError
+from ..features import cache_dir_for, cache_key, compute_features, load_features
+from ..vocab import Vocab
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -203,6 +67,10 @@ class CaptionDataModule(L.LightningDataModule):
         """On one process per machine: compute any missing cached features."""
         if self.encoder is None:
             return
+        # On the device the run trains on: a GPU run caches its features on the GPU (the same
+        # features to fp16 storage precision, under the same key: tests/test_gpu.py).
+        strategy = getattr(self.trainer, "strategy", None) if self.trainer is not None else None
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
         for split in self.splits or self.load().splits:
             compute_features(
                 self.encoder,
@@ -210,6 +78,7 @@ class CaptionDataModule(L.LightningDataModule):
                 self._feature_dir(split),
                 batch_size=int(self.cfg.get("eval_batch_size", 64)),
                 num_workers=int(self.cfg.get("num_workers", 0)),
+                device=device,
             )
 
     def load(self) -> "CaptionDataModule":
@@ -299,7 +168,7 @@ class CaptionDataModule(L.LightningDataModule):
 
 def _seed_worker(worker_id: int) -> None:
     # SLURM's scancel and a terminal's Ctrl-C signal the whole process group: a worker killed
-    # by it would crash the main process before it can save (captioning/reliability.py). The
+    # by it would crash the main process before it can save (captioning/training/guards.py). The
     # main process handles the signal and shuts its workers down; a worker whose main process
     # died anyway exits on its own (PyTorch's worker loop watches its parent).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
