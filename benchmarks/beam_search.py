@@ -35,7 +35,7 @@ import sys
 import time
 
 import torch
-from common import flickr8k_decoder, flickr8k_test, hardware, load_avg, write_result
+from common import flickr8k_decoder, flickr8k_test, hardware, load, load_avg, write_result
 from reference import beam_search_reference
 from roofline import peaks
 
@@ -122,6 +122,11 @@ def main() -> None:
     p.add_argument("--no-single", action="store_true", help="skip one image at a time")
     p.add_argument("--naive", action="store_true", help="also time the original batched search")
     p.add_argument("--name", default="beam_search", help="outputs/bench/NAME.json")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the runs of NAME.json for other beams/threads (same decoder and features)",
+    )
     a = p.parse_args()
 
     dec, ids, dec_desc, vocab = flickr8k_decoder(a.ckpt)
@@ -154,6 +159,14 @@ def main() -> None:
         "runs": [],
     }
     counter = RowCounter(dec)
+    old = load(a.name) if a.merge else None
+    if old and (old["decoder"], old["features"], old["images"]) == (
+        dec_desc,
+        feat_desc,
+        len(feats),
+    ):
+        result["runs"] = old["runs"]
+        result["command"] = old["command"] + "; " + result["command"]
 
     if a.chunks:
         sweep = {}
@@ -170,7 +183,11 @@ def main() -> None:
         torch.set_num_threads(threads)
         peak = peaks(threads)
         for K in [int(x) for x in a.beams.split(",")]:
-            run = {"beam": K, "threads": threads}
+            run = {
+                "beam": K,
+                "threads": threads,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            }
             kwk = {**kw, "beam_size": K, "chunk_size": a.chunk}
             beam_search(dec, feats[: a.chunk], **kwk)  # warm-up
             counter.take()
@@ -249,7 +266,10 @@ def main() -> None:
                         t["fraction_of_peak_cpu"] = round(t["gflops_cpu"] / p["gflops_cpu"], 3)
             lengths = [len(bs[0].tokens) for bs in fp32]
             run["best_caption_words_mean"] = round(statistics.fmean(lengths), 2)
-            result["runs"].append(run)
+            result["runs"] = [
+                x for x in result["runs"] if (x["beam"], x["threads"]) != (K, threads)
+            ] + [run]
+            result["runs"].sort(key=lambda x: (x["threads"], x["beam"]))
             write_result(a.name, result)  # partial results survive an interrupted run
     result["load_avg_end"] = load_avg()
     print(write_result(a.name, result))
