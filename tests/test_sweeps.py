@@ -312,7 +312,7 @@ def test_multirun_with_wandb_offline_then_report(tmp_path, data_cache):
     )
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader((sweep / "report.csv").open()))
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"ok", "degenerate"}
     assert {(r["decoder.hidden_dim"], r["decoder.attention_dim"]) for r in rows} == {
         ("32", "16"),
         ("32", "32"),
