@@ -252,3 +252,37 @@ def test_a_zero_bleu4_alone_marks_a_job_degenerate(tmp_path):
     write_job(tmp_path, 0, ["seed=1"], info=info(10), test=split_scores(0.0))
     job = report.read_sweep(tmp_path).jobs[0]
     assert job.status == "degenerate" and "test BLEU-4 0.0e+00" in job.note
+
+
+def test_every_metric_epochs_and_time_per_epoch_are_in_the_table(sweep):
+    s = report.read_sweep(sweep)
+    jobs = {j.num: j for j in s.jobs}
+    assert jobs[0].epochs == 3 and jobs[0].epoch_time_s == pytest.approx(61.5 / 3)
+    assert jobs[0].test["ROUGE-L"] == 0.4 and jobs[0].test["METEOR"] is None
+    assert jobs[0].curve == [(0, 0.5), (1, 0.9), (2, 1.1)]
+    md = report.markdown(s, None)
+    header = next(line for line in md.splitlines() if line.startswith("| job"))
+    assert "test METEOR" in header and "test ROUGE-L" in header and "time/epoch" in header
+    assert "val METEOR" not in header  # validation never computes it: no empty column
+    row0 = next(line for line in md.splitlines() if line.startswith("| 0 |"))
+    assert "| 3 | 20s | 1m02s |" in row0  # epochs, time per epoch, train time
+
+
+def test_grouped_test_bars_and_validation_curves(sweep):
+    paths = report.write_report(sweep)
+    assert paths["test_png"].stat().st_size > 10_000 and paths["curves_png"].stat().st_size > 10_000
+    md = paths["md"].read_text()
+    assert "![test CIDEr-D per job](report_test.png)" in md
+    assert "![validation CIDEr-D per epoch](report_curves.png)" in md
+    s = report.read_sweep(sweep)
+    fig = report.scores_figure(s)
+    ax = fig.axes[0]
+    # a group per hidden_dim (the outer setting), a colour per attention_dim (the inner one)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["32", "64"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["16", "32"]
+    heights = sorted(round(p.get_height(), 3) for p in ax.patches)
+    assert heights == [0.0, 0.7, 0.7, 0.7]  # three tested jobs, the failed one at zero
+    curves = report.curves_figure(s).axes[0]
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in curves.get_lines()}
+    assert lines["32, 16"] == [0.5, 0.9, 1.1] and lines["64, 32 (failed)"] == [0.1]
+    assert "64, 16" not in lines  # job 2 logged no CSV: no curve to draw

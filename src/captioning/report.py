@@ -31,14 +31,17 @@ from hydra.experimental.callback import Callback
 
 log = logging.getLogger(__name__)
 
-METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr")
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 LOGGED = {
     "BLEU-1": "bleu1",
     "BLEU-2": "bleu2",
     "BLEU-3": "bleu3",
     "BLEU-4": "bleu4",
+    "METEOR": "meteor",
+    "ROUGE-L": "rouge_l",
     "CIDEr": "cider",
-}  # metric -> the name train.py logs it under (val/<name>)
+}  # metric -> the name train.py logs it under (val/<name>; validation skips METEOR: Java is slow)
+CURVE = "val/cider"  # the per-epoch curve of every job in report_curves.png
 SHOWN = {m: "CIDEr-D" if m == "CIDEr" else m for m in METRICS}  # our CIDEr is CIDEr-D
 
 
@@ -97,7 +100,15 @@ class Job:
     params: int | None = None
     trainable_params: int | None = None
     train_time_s: float | None = None
+    epochs: int | None = None  # epochs trained
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, CURVE) per validation
     wandb_run: str | None = None
+
+    @property
+    def epoch_time_s(self) -> float | None:
+        if self.train_time_s is None or not self.epochs:
+            return None
+        return self.train_time_s / self.epochs
 
     @property
     def label(self) -> str:
@@ -126,6 +137,17 @@ def best_val_from_csv(
             val = {m: _float(row.get(f"val/{LOGGED[m]}")) for m in METRICS}
             best = (score, int(epoch) if epoch is not None else None, val)
     return (best[1], best[0], best[2]) if best else (None, None, {})
+
+
+def curve_from_csv(path: Path, key: str = CURVE) -> list[tuple[int, float]]:
+    """(epoch, value) of every row that logged `key`: one per validation."""
+    points = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            value, epoch = _float(row.get(key)), _float(row.get("epoch"))
+            if value is not None and epoch is not None:
+                points.append((int(epoch), value))
+    return points
 
 
 def _best_checkpoint(job_dir: Path, test: dict[str, Any]) -> Path | None:
@@ -191,6 +213,7 @@ def read_job(job_dir: Path) -> Job:
     job.test = {m: _float((test.get("metrics") or {}).get(m)) for m in METRICS} if test else {}
     job.params, job.trainable_params = info.get("params"), info.get("trainable_params")
     job.train_time_s = _float(info.get("train_time_s"))
+    job.epochs = info.get("epochs") if isinstance(info.get("epochs"), int) else None
     job.best_epoch, job.best_score = info.get("best_epoch"), _float(info.get("best_score"))
     run = info.get("wandb_run") or {}
     job.wandb_run = run.get("url") or run.get("id")
@@ -202,6 +225,12 @@ def read_job(job_dir: Path) -> Job:
         epoch, score, val = best_val_from_csv(metrics_csv, job.monitor)
         if val:
             job.best_epoch, job.best_score, job.val = epoch, score, val
+        try:
+            job.curve = curve_from_csv(metrics_csv)
+        except (OSError, csv.Error) as e:
+            problems.append(f"unreadable {metrics_csv.name}: {e}")
+        if job.epochs is None and job.curve:
+            job.epochs = max(e for e, _ in job.curve) + 1
     if not job.val or job.params is None:
         # No CSV logger (logger=wandb alone), or no run_info.json: the best checkpoint stores both.
         ckpt = _best_checkpoint(job_dir, test)
@@ -343,6 +372,8 @@ def csv_rows(sweep: Sweep) -> list[dict[str, Any]]:
             "params": j.params,
             "trainable_params": j.trainable_params,
             "train_time_s": j.train_time_s,
+            "epochs": j.epochs,
+            "epoch_time_s": j.epoch_time_s,
             "wandb_run": j.wandb_run or "",
             "dir": str(j.dir),
             "note": j.note,
@@ -372,7 +403,8 @@ def _settings(job: Job, keys: list[str]) -> str:
     return ", ".join(f"{k}={_short(job.overrides.get(k, ''))}" for k in keys) or "(defaults)"
 
 
-def markdown(sweep: Sweep, plot_name: str | None) -> str:
+def markdown(sweep: Sweep, plot_name: str | None, figures: dict[str, str] | None = None) -> str:
+    """The report; `plot_name` and `figures` ({title: file name}) are the PNGs beside it."""
     ok = [j for j in sweep.jobs if j.status == "ok"]
     useless = [j for j in sweep.jobs if j.status == "degenerate"]
     failed = [j for j in sweep.jobs if j.status == "failed"]
@@ -399,13 +431,17 @@ def markdown(sweep: Sweep, plot_name: str | None) -> str:
         params = ", ".join(f"{k}={_short(str(v))}" for k, v in sweep.optuna["best_params"].items())
         value = _fmt(_float(sweep.optuna.get("best_value")))
         lines += [f"Optuna's best trial: {params} (value {value}).", ""]
+    for title, name in (figures or {}).items():
+        lines += [f"![{title}]({name})", ""]
     if plot_name:
         lines += [f"![{sweep.monitor} against the swept settings]({plot_name})", ""]
+    # validation skips METEOR (Java is slow): a column nobody filled is left out
+    val_metrics = [m for m in METRICS if any(j.val.get(m) is not None for j in sweep.jobs)]
     header = (
         ["job", "status", *[f"`{k}`" for k in sweep.swept], "best epoch"]
-        + [f"val {SHOWN[m]}" for m in METRICS]
+        + [f"val {SHOWN[m]}" for m in val_metrics]
         + [f"test {SHOWN[m]}" for m in METRICS]
-        + ["params", "train time"]
+        + ["params", "epochs", "time/epoch", "train time"]
     )
     lines += [
         "Jobs, best first (validation scores at each job's best epoch):",
@@ -420,8 +456,14 @@ def markdown(sweep: Sweep, plot_name: str | None) -> str:
             *[_short(j.overrides.get(k, "")) for k in sweep.swept],
             "" if j.best_epoch is None else str(j.best_epoch),
         ]
-        cells += [_fmt(j.val.get(m)) for m in METRICS] + [_fmt(j.test.get(m)) for m in METRICS]
-        cells += [_fmt_params(j.params), _fmt_time(j.train_time_s)]
+        cells += [_fmt(j.val.get(m)) for m in val_metrics]
+        cells += [_fmt(j.test.get(m)) for m in METRICS]
+        cells += [
+            _fmt_params(j.params),
+            "" if j.epochs is None else str(j.epochs),
+            _fmt_time(j.epoch_time_s),
+            _fmt_time(j.train_time_s),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if useless:
         lines += ["", "## Degenerate jobs", ""]
@@ -558,8 +600,131 @@ def figure(sweep: Sweep):
     return fig
 
 
+def _label(job: Job, keys: list[str]) -> str:
+    """A job named by its swept values ("efficientnet_lite0, merge"), else by its number."""
+    values = [_short(job.overrides.get(k, "")) for k in keys]
+    return ", ".join(v for v in values if v) or job.label
+
+
+def _is_categorical(sweep: Sweep, key: str) -> bool:
+    return _numeric([j.overrides.get(key, "") for j in sweep.jobs]) is None
+
+
+def scores_figure(sweep: Sweep, metric: str = "CIDEr"):
+    """Test `metric` in grouped bars: one group per value of the swept settings but the last,
+    one colour per value of the last (sweep 1: a group per encoder, a bar per decoder).
+    None when no job has a test score."""
+    scored = [j for j in sweep.jobs if j.test.get(metric) is not None]
+    if not scored or not sweep.swept:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    *outer, inner = sweep.swept
+    groups = list(dict.fromkeys(_label(j, outer) if outer else "" for j in sweep.jobs))
+    colours = list(dict.fromkeys(_short(j.overrides.get(inner, "")) for j in sweep.jobs))
+    width = 0.8 / len(colours)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.55 * len(groups) * len(colours)), 3.8))
+    for c, value in enumerate(colours):
+        xs, heights, jobs = [], [], []
+        for g, group in enumerate(groups):
+            for j in sweep.jobs:
+                same_group = (_label(j, outer) if outer else "") == group
+                if same_group and _short(j.overrides.get(inner, "")) == value:
+                    xs.append(g + (c - (len(colours) - 1) / 2) * width)
+                    heights.append(j.test.get(metric) or 0.0)
+                    jobs.append(j)
+        bars = ax.bar(xs, heights, width * 0.95, label=value, color=f"C{c}")
+        for bar, j in zip(bars, jobs, strict=True):
+            text = (
+                "failed"
+                if j.status == "failed"
+                else f"{j.test[metric]:.3f}"
+                if j.test.get(metric) is not None
+                else "-"
+            )
+            if j.status == "degenerate":
+                text += "\n(degenerate)"
+            ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.set_xticks(range(len(groups)), groups if outer else [""])
+    if outer:
+        ax.set_xlabel(", ".join(outer))
+    ax.set_ylabel(f"test {SHOWN.get(metric, metric)}")
+    ax.margins(y=0.12)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(title=inner, fontsize=8, title_fontsize=8, loc="lower right")
+    ax.set_title(f"{sweep.dir.name}: test {SHOWN.get(metric, metric)} per job", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(sweep: Sweep):
+    """Validation CIDEr-D per epoch, one line per job (its swept values in the legend)."""
+    jobs = [j for j in sweep.jobs if j.curve]
+    if not jobs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    styles = ["-", "--", ":", "-."]
+    # jobs sharing the first swept value share a line style, the others a colour
+    first = (
+        list(dict.fromkeys(_short(j.overrides.get(sweep.swept[0], "")) for j in jobs))
+        if sweep.swept
+        else [""]
+    )
+    for i, j in enumerate(jobs):
+        style = (
+            styles[first.index(_short(j.overrides.get(sweep.swept[0], ""))) % len(styles)]
+            if sweep.swept
+            else "-"
+        )
+        epochs = [e + 1 for e, _ in j.curve]
+        label = _label(j, sweep.swept) + (f" ({j.status})" if j.status != "ok" else "")
+        ax.plot(
+            epochs,
+            [v for _, v in j.curve],
+            style,
+            marker="o",
+            ms=3,
+            color=f"C{i % 10}",
+            label=label,
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"val CIDEr-D ({CURVE})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(f"{sweep.dir.name}: validation CIDEr-D per epoch", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: Path) -> bool:
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def write_report(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
-    """Write report.md, report.csv and report.png; returns their paths."""
+    """Write report.md, report.csv and the figures (report.png: the selection metric against each
+    setting; report_test.png: test CIDEr-D in grouped bars; report_curves.png: val CIDEr-D per
+    epoch); returns the paths written."""
     sweep = read_sweep(sweep_dir)
     out = Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -568,7 +733,17 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path
     has_plot = plot(sweep, paths["png"])
     if not has_plot:
         paths.pop("png")
-    paths["md"].write_text(markdown(sweep, paths["png"].name if has_plot else None))
+    figures = {}
+    if has_plot:  # matplotlib is there
+        extra = {
+            "test_png": ("report_test.png", "test CIDEr-D per job", scores_figure),
+            "curves_png": ("report_curves.png", "validation CIDEr-D per epoch", curves_figure),
+        }
+        for key, (name, title, make) in extra.items():
+            if _save(make(sweep), out / name):
+                paths[key] = out / name
+                figures[title] = name
+    paths["md"].write_text(markdown(sweep, paths["png"].name if has_plot else None, figures))
     return paths
 
 
