@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from captioning.training import wandb_log as cb
 from captioning.training.callbacks import RunInfo
+from captioning.training.wandb_offline import read_offline_run
 from conftest import CONF, ROOT, compose_cfg, module_and_data
 
 TINY_DATA = ["data.args.num_train=32", "data.args.num_val=16", "data.args.num_test=16"]
@@ -299,6 +300,18 @@ def test_multirun_with_wandb_offline_then_report(tmp_path, data_cache):
         table = json.loads(tables[-1].read_text())
         assert table["columns"] == cb.TABLE_COLUMNS and len(table["data"]) == 4
         assert b"val/captions" in next(run_dir.glob("run-*.wandb")).read_bytes()
+        # What `wandb sync` would upload, read back: the resolved config, the metrics of every
+        # validation, the test scores in the summary.
+        logged = read_offline_run(run_dir)
+        assert logged.group == "sweep" and logged.name == run["name"]
+        resolved = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"))
+        for group in ("decoder", "encoder", "optim", "data"):
+            assert logged.config[group] == resolved[group], group
+        for key in ("val/bleu1", "val/bleu4", "val/cider", "val/loss"):
+            assert len(logged.series(key)) == 2, key  # two epochs
+        expected = json.loads((job / "test_metrics.json").read_text())["metrics"]
+        assert logged.summary["test/bleu4"] == pytest.approx(expected["BLEU-4"])
+        assert logged.summary["test/cider"] == pytest.approx(expected["CIDEr"])
     assert names == {
         f"decoder.hidden_dim={h},decoder.attention_dim={a}" for h in (32, 64) for a in (16, 32)
     }
