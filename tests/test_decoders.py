@@ -89,6 +89,28 @@ def test_forward_equals_stepwise(name, packed):
         torch.testing.assert_close(fa[real], sa[real], rtol=0, atol=1e-6)
 
 
+# hard attention samples its regions in training: its two paths draw different ones
+@pytest.mark.parametrize("name", [n for n in list_decoders() if n != "hard_attention"])
+def test_forward_gradients_equal_stepwise(name):
+    """Training through the fast path is training through the step loop: same gradients."""
+    grads = []
+    for path in ("forward", "forward_stepwise"):
+        dec = make(name)
+        feats, caps = torch.randn(4, N, D), captions(4, 9)
+        lengths = torch.tensor([9, 3, 6, 1])
+        real = torch.arange(9) < lengths.unsqueeze(1)
+        if path == "forward":
+            logits, _ = dec(feats, caps, lengths=lengths)
+        else:
+            logits, _ = dec.forward_stepwise(feats, caps)
+        logits[real].logsumexp(-1).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in dec.named_parameters() if p.grad is not None})
+    fast, slow = grads
+    assert fast.keys() == slow.keys() and fast
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_regularizer_masks_padding():
     dec = make("soft_attention")
     alphas = torch.full((2, 4, N), 1.0 / N)
