@@ -1,9 +1,9 @@
 """Feature cache: a frozen encoder's region features, computed once per split and stored on disk.
 
 Keyed by (encoder, weights, preprocessing, grid, dataset split), so changing any of them
-computes the features again. The training split may also have a second view, the features of
-each image mirrored left to right (`data.flip`), under a key of its own. Stored as one fp16 ``.npy`` per split and read back memory-mapped,
-so resident memory stays bounded however large the dataset is.
+computes the features again. Stored as one fp16 ``.npy`` per split and read back memory-mapped,
+so resident memory stays bounded however large the dataset is. The training split may have a
+second view, its images mirrored left to right (`data.flip`), keyed with ``view: hflip``.
 
 Extraction can take long (Flickr8k with a large encoder on a CPU: minutes to tens of minutes),
 so it shows its rate and time left and survives an interruption. It writes into
