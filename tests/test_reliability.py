@@ -300,6 +300,41 @@ def tiny(tmp_path: Path, cache: Path, *extra: str):
     return compose_cfg("train", [*SMALL, *extra], out=tmp_path, cache=cache)
 
 
+def weights_and_history(run_dir: Path) -> tuple[dict, dict]:
+    """What an in-process run leaves: last.ckpt's weights and step, the validation history."""
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    history = {
+        r["epoch"]: (r["val/bleu4"], r["val/loss"])
+        for r in csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+        if r.get("val/bleu4")
+    }
+    return {**ckpt["state_dict"], "global_step": ckpt["global_step"]}, history
+
+
+def test_flip_resumed_mid_epoch_matches_uninterrupted_run(tmp_path, data_cache):
+    """data.flip draws each sample's view from the generator that shuffles, which ResumeState
+    saves: a run stopped by SIGTERM in the middle of epoch 1 and resumed trains on the same
+    views as a run never stopped, bit for bit (in-process, from cached features)."""
+    from captioning.training.guards import TrainingInterrupted
+
+    flip = ["data.flip=true", "encoder.fine_tune=none", "test=false"]
+    train_script.train(tiny(tmp_path / "base", data_cache, *flip))
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train_script.train(tiny(run, data_cache, *flip, *kill_at("SIGTERM", 1, 2)))
+    resume = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resume["callbacks"]["ResumeState"]["mid_epoch"]  # the premise: stopped mid-epoch
+    train_script.train(tiny(run, data_cache, *flip, "resume=auto"))
+    (weights, history), (base_weights, base_history) = (
+        weights_and_history(run),
+        weights_and_history(tmp_path / "base"),
+    )
+    assert history == base_history and len(history) == 2
+    assert weights.keys() == base_weights.keys()
+    for k, v in base_weights.items():
+        assert torch.equal(torch.as_tensor(weights[k]), torch.as_tensor(v)), k
+
+
 def nan_loss_at(monkeypatch, step: int) -> list[int]:
     """Make the training loss NaN at one global step; returns the steps it was called at."""
     from captioning.training.lit_module import CaptioningModule

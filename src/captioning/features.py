@@ -2,7 +2,8 @@
 
 Keyed by (encoder, weights, preprocessing, grid, dataset split), so changing any of them
 computes the features again. Stored as one fp16 ``.npy`` per split and read back memory-mapped,
-so resident memory stays bounded however large the dataset is.
+so resident memory stays bounded however large the dataset is. The training split may have a
+second view, its images mirrored left to right (`data.flip`), keyed with ``view: hflip``.
 
 Extraction can take long (Flickr8k with a large encoder on a CPU: minutes to tens of minutes),
 so it shows its rate and time left and survives an interruption. It writes into
@@ -35,11 +36,14 @@ from .fsutil import atomic_write_text
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+VIEWS = ("plain", "hflip")  # the images as they are; mirrored left to right
 
 
-def cache_key(encoder: Encoder, split_fingerprint: str) -> dict[str, Any]:
+def cache_key(encoder: Encoder, split_fingerprint: str, view: str = "plain") -> dict[str, Any]:
     """Everything the cached features depend on."""
-    return {
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; valid choices: {', '.join(VIEWS)}")
+    key = {
         "format": FORMAT,
         "encoder": encoder.name,
         "weights": encoder.weights_id,
@@ -47,6 +51,9 @@ def cache_key(encoder: Encoder, split_fingerprint: str) -> dict[str, Any]:
         "grid": encoder.grid,
         "split": split_fingerprint,
     }
+    if view != "plain":  # only then: every cache written before views existed keeps its key
+        key["view"] = view
+    return key
 
 
 def _preprocess_key(pp: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +85,21 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.dataset.image_tensor(i)
+
+
+class Mirrored:
+    """A dataset's images mirrored left to right (the "hflip" view), for `compute_features`.
+
+    The preprocessed tensor is flipped on its width axis: what a trainable encoder sees of a
+    mirrored training sample too (`CaptionDataset`).
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.image_ids = dataset.image_ids
+
+    def image_tensor(self, i: int) -> torch.Tensor:
+        return self.dataset.image_tensor(i).flip(-1)  # (3, S, S)
 
 
 def _ids_digest(image_ids: list[str]) -> str:

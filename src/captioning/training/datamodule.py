@@ -1,5 +1,6 @@
 """LightningDataModule: any registered source -> vocabulary from train -> padded batches."""
 
+import logging
 import random
 import signal
 from pathlib import Path
@@ -10,11 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import load_splits
-from ..data.dataset import CaptionDataset, collate
+from ..data.dataset import FLIP_WORDS, CaptionDataset, FlipSampler, collate
 from ..encoders import Encoder, Preprocess
 from ..errors import ConfigError
-from ..features import cache_dir_for, cache_key, compute_features, load_features
+from ..features import Mirrored, cache_dir_for, cache_key, compute_features, load_features
 from ..vocab import Vocab
+
+log = logging.getLogger(__name__)
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -44,6 +47,13 @@ class CaptionDataModule(L.LightningDataModule):
         self.encoder: Encoder | None = None  # set by use_feature_cache
         # Train on images with all their references (self-critical), not (image, caption) pairs.
         self.train_per_image = train_per_image
+        # data.flip: each training sample is shown mirrored with probability 0.5 (FlipSampler).
+        self.flip = self.cfg.get("flip", False)
+        if self.flip not in (True, False):
+            raise ConfigError(f"data.flip must be true or false; got {self.flip!r}")
+        if self.flip and train_per_image:
+            # Its rewards score captions against the plain images' references.
+            raise ConfigError("data.flip=true is for cross-entropy training, not scst")
 
     def use_feature_cache(self, encoder: Encoder) -> bool:
         """Train from cached features when the encoder is frozen (data.feature_cache: auto)."""
@@ -59,8 +69,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.preprocess = encoder.preprocess
         return self.encoder is not None
 
-    def _feature_dir(self, split: str) -> Path:
-        key = cache_key(self.encoder, self.dataset(split).fingerprint())
+    def _feature_dir(self, split: str, view: str = "plain") -> Path:
+        key = cache_key(self.encoder, self.dataset(split).fingerprint(), view)
         return cache_dir_for(self.cache_dir, key)
 
     def prepare_data(self) -> None:
@@ -71,11 +81,15 @@ class CaptionDataModule(L.LightningDataModule):
         # features to fp16 storage precision, under the same key: tests/test_gpu.py).
         strategy = getattr(self.trainer, "strategy", None) if self.trainer is not None else None
         device = strategy.root_device if strategy is not None else torch.device("cpu")
-        for split in self.splits or self.load().splits:
+        views = [(split, "plain") for split in self.splits or self.load().splits]
+        if self.flip:  # one more pass over the training images, mirrored
+            views.append(("train", "hflip"))
+        for split, view in views:
+            ds = self.dataset(split)
             compute_features(
                 self.encoder,
-                self.dataset(split),
-                self._feature_dir(split),
+                Mirrored(ds) if view == "hflip" else ds,
+                self._feature_dir(split, view),
                 batch_size=int(self.cfg.get("eval_batch_size", 64)),
                 num_workers=int(self.cfg.get("num_workers", 0)),
                 device=device,
@@ -134,6 +148,11 @@ class CaptionDataModule(L.LightningDataModule):
             for split in self.splits:
                 ds = self.dataset(split)
                 ds.features = load_features(self._feature_dir(split), ds.image_ids)
+            if self.flip:
+                train = self.dataset("train")
+                train.flipped_features = load_features(
+                    self._feature_dir("train", "hflip"), train.image_ids
+                )
             if self.train_per_image:  # the same images in the same order: the same features
                 self.dataset("train", evaluation=True).features = self.dataset("train").features
 
@@ -143,10 +162,16 @@ class CaptionDataModule(L.LightningDataModule):
         g = torch.Generator()
         g.manual_seed(self.seed)
         per_image = train and self.train_per_image
+        ds = self.dataset(split, evaluation=per_image)
+        # Flipped or not, drawn from the generator that shuffles: resume.py restores both.
+        flips = FlipSampler(len(ds), g) if train and self.flip else None
+        if flips is not None and ds.unflippable >= 0:
+            _say_unflippable(ds)
         return DataLoader(
-            self.dataset(split, evaluation=per_image),
+            ds,
             batch_size=bs,
-            shuffle=train,
+            shuffle=train and flips is None,
+            sampler=flips,
             num_workers=workers,
             collate_fn=collate,
             drop_last=False,
@@ -164,6 +189,17 @@ class CaptionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
+
+
+def _say_unflippable(ds: CaptionDataset) -> None:
+    word = ds.vocab.itos[ds.unflippable]
+    other = next(w for w in FLIP_WORDS if w != word)
+    n = sum(bool((c == ds.unflippable).any()) for caps in ds.encoded for c in caps)
+    log.warning(
+        "data.flip: %r is in the vocabulary but %r is not, so the %d training caption(s) "
+        "with %r are never flipped",
+        word, other, n, word,
+    )  # fmt: skip
 
 
 def _seed_worker(worker_id: int) -> None:
