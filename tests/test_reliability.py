@@ -20,7 +20,7 @@ import pytest
 import torch
 from test_checkpoints import assert_plain
 
-from conftest import ROOT, compose_cfg
+from conftest import CONF, ROOT, compose_cfg
 
 sys.path.insert(0, str(ROOT))
 import train as train_script  # noqa: E402
@@ -654,3 +654,31 @@ def test_sigterm_to_the_process_group_with_dataloader_workers(tmp_path, data_cac
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3 * BATCHES
+
+
+@pytest.mark.parametrize("mode", ["RUN", "MULTIRUN"])
+def test_an_interrupted_job_says_how_to_resume_its_run_or_its_sweep(mode, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from captioning.training.guards import resume_advice
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            [f"hydra.mode={mode}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    try:
+        advice = resume_advice(tmp_path / "sweep" / "3")
+    finally:
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    if mode == "MULTIRUN":
+        assert f"hydra.sweep.dir={tmp_path / 'sweep'}" in advice and "hydra.run.dir" not in advice
+    else:
+        assert f"hydra.run.dir={tmp_path / 'sweep' / '3'}" in advice
+    assert "resume=auto" in advice

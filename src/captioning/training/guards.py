@@ -127,10 +127,31 @@ class GracefulInterrupt(Callback):
             trainer.save_checkpoint(path, weights_only=False)
         name = signal.Signals(self.received).name
         raise TrainingInterrupted(
-            f"{name}: stopped {where}; saved {path}. Resume with the same command plus "
-            f"resume=auto (or ckpt_path=last) and hydra.run.dir={Path(trainer.default_root_dir)}",
+            f"{name}: stopped {where}; saved {path}. {resume_advice(trainer.default_root_dir)}",
             self.received,
         )
+
+
+def resume_advice(run_dir: str | Path) -> str:
+    """How to continue this run: the run's folder, or in a multirun the sweep's."""
+    sweep_dir = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            sweep_dir = HydraConfig.get().sweep.dir
+    except Exception:  # outside Hydra (tests, notebooks): a single run
+        sweep_dir = None
+    if sweep_dir:
+        return (
+            "Resume the sweep with the same command plus resume=auto and "
+            f"hydra.sweep.dir={sweep_dir}: each job continues from its own last.ckpt"
+        )
+    return (
+        "Resume with the same command plus resume=auto (or ckpt_path=last) and "
+        f"hydra.run.dir={Path(run_dir)}"
+    )
 
 
 # -- numerical faults -----------------------------------------------------------------------
