@@ -286,3 +286,32 @@ def test_grouped_test_bars_and_validation_curves(sweep):
     lines = {ln.get_label(): list(ln.get_ydata()) for ln in curves.get_lines()}
     assert lines["32, 16"] == [0.5, 0.9, 1.1] and lines["64, 32 (failed)"] == [0.1]
     assert "64, 16" not in lines  # job 2 logged no CSV: no curve to draw
+
+
+def test_docs_get_the_table_and_figures_between_their_markers(sweep, tmp_path):
+    docs = tmp_path / "docs" / "results.md"
+    docs.parent.mkdir()
+    docs.write_text(
+        "# Results\n\nbefore\n<!-- sweep:grid:begin -->\nold table\n<!-- sweep:grid:end -->\nafter\n"
+    )
+    assert report.main([str(sweep), "--docs", str(docs), "--name", "grid"]) == 0
+    text = docs.read_text()
+    assert text.startswith("# Results\n\nbefore\n<!-- sweep:grid:begin -->")
+    assert text.endswith("<!-- sweep:grid:end -->\nafter\n") and "old table" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 4  # header + every job, the failed one with its error
+    assert "failed: failed: RuntimeError: out of memory" in rows[4]
+    assert rows[1].startswith("| 32 | 16 | 1 | 0.200 | 0.900 | 0.500 | 0.180 |")
+    for name in ("grid_test.png", "grid_curves.png"):
+        assert (docs.parent / "sweeps" / name).stat().st_size > 10_000
+        assert f"](sweeps/{name})" in text
+    # again: the block is replaced, not repeated
+    assert report.main([str(sweep), "--docs", str(docs), "--name", "grid"]) == 0
+    assert docs.read_text() == text
+
+
+def test_docs_without_markers_is_an_error(sweep, tmp_path, capsys):
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n")
+    assert report.main([str(sweep), "--docs", str(docs)]) == 2
+    assert "<!-- sweep:" in capsys.readouterr().err and docs.read_text() == "# Results\n"

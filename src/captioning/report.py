@@ -660,7 +660,9 @@ def scores_figure(sweep: Sweep, metric: str = "CIDEr"):
     ax.set_ylabel(f"test {SHOWN.get(metric, metric)}")
     ax.margins(y=0.12)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(title=inner, fontsize=8, title_fontsize=8, loc="lower right")
+    ax.legend(  # beside the axes: inside it would hide a short bar or its label
+        title=inner, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1)
+    )
     ax.set_title(f"{sweep.dir.name}: test {SHOWN.get(metric, metric)} per job", fontsize=10)
     fig.tight_layout()
     return fig
@@ -747,6 +749,80 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path
     return paths
 
 
+def docs_table(sweep: Sweep) -> str:
+    """The compact table of a results page: settings, the best epoch's val CIDEr-D and BLEU-4,
+    test scores, size and time per epoch; jobs in job order, failed ones with their error."""
+    header = (
+        [f"`{k}`" for k in sweep.swept]
+        + ["best epoch", "val BLEU-4", "val CIDEr-D"]
+        + [f"test {SHOWN[m]}" for m in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")]
+        + ["params", "time/epoch"]
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for j in sweep.jobs:
+        settings = [_short(j.overrides.get(k, "")) for k in sweep.swept]
+        if j.status == "failed":
+            note = j.note.replace("|", "/")[:120]
+            lines.append("| " + " | ".join(settings + [f"failed: {note}"] + [""] * 9) + " |")
+            continue
+        cells = settings + [
+            "" if j.best_epoch is None else str(j.best_epoch),
+            _fmt(j.val.get("BLEU-4"), 3),
+            _fmt(j.val.get("CIDEr"), 3),
+        ]
+        cells += [
+            _fmt(j.test.get(m), 3) for m in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+        ]
+        cells += [_fmt_params(j.trainable_params or j.params), _fmt_time(j.epoch_time_s)]
+        if j.status == "degenerate":
+            cells[len(settings)] += " (degenerate)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_docs(sweep_dir: Path, docs: Path, name: str) -> list[Path]:
+    """Splice the sweep's table between `<!-- sweep:NAME:begin -->` and `<!-- sweep:NAME:end -->`
+    in `docs` and put its figures beside it (docs/sweeps/NAME_test.png, NAME_curves.png).
+    Returns the files written."""
+    begin, end = f"<!-- sweep:{name}:begin -->", f"<!-- sweep:{name}:end -->"
+    text = docs.read_text()
+    if begin not in text or end not in text:
+        raise ValueError(f"{docs} has no {begin} ... {end} lines to write between")
+    sweep = read_sweep(sweep_dir)
+    figures_dir = docs.parent / "sweeps"
+    figures_dir.mkdir(exist_ok=True)
+    written, images = [docs], []
+    for suffix, title, make in (
+        ("test", "test CIDEr-D per job", scores_figure),
+        ("curves", "validation CIDEr-D per epoch", curves_figure),
+    ):
+        path = figures_dir / f"{name}_{suffix}.png"
+        try:
+            saved = _save(make(sweep), path)
+        except ImportError:  # no matplotlib: the table alone
+            saved = False
+        if saved:
+            written.append(path)
+            images.append(f"![{title}]({path.relative_to(docs.parent).as_posix()})")
+    done = sum(j.status != "failed" for j in sweep.jobs)
+    block = [
+        begin,
+        "",
+        f"{len(sweep.jobs)} jobs ({done} finished) in `{sweep_dir}`; written by "
+        f"`python -m captioning.report {sweep_dir} --docs {docs} --name {name}`. Selection: "
+        f"`{sweep.monitor}` on val (the best epoch's checkpoint is tested); params: trained ones.",
+        "",
+        docs_table(sweep),
+        "",
+        *[line for image in images for line in (image, "")],
+        end,
+    ]
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    docs.write_text(head + "\n".join(block) + tail)
+    return written
+
+
 class SweepReport(Callback):
     """Hydra callback: write the report when a multirun ends (`hydra.callbacks.sweep_report`).
 
@@ -772,6 +848,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write (default: sweep_dir)"
     )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        help="also write the table and figures into this Markdown file, between "
+        "<!-- sweep:NAME:begin --> and <!-- sweep:NAME:end -->",
+    )
+    parser.add_argument("--name", default=None, help="NAME for --docs (default: the folder's)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"error: no such directory: {args.sweep_dir}", file=sys.stderr)
@@ -784,6 +868,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for path in write_report(args.sweep_dir, args.out).values():
         print(path)
+    if args.docs is not None:
+        try:
+            written = write_docs(args.sweep_dir, args.docs, args.name or args.sweep_dir.name)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for path in written:
+            print(path)
     return 0
 
 
