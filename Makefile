@@ -53,6 +53,7 @@ bench: $(STAMP)            ## speed and memory benchmarks (CPU; GPU when there i
 	$(BIN)/python benchmarks/memory.py --size flickr8k
 	$(BIN)/python benchmarks/memory.py --size flickr8k --malloc-fix
 	$(BIN)/python benchmarks/memory.py --size coco
+	$(if $(CKPT),$(BIN)/python benchmarks/app_latency.py --ckpt $(CKPT) --mode concurrency,@echo "app_latency: not run (it serves a trained model: CKPT=x.ckpt)")
 	$(BIN)/python benchmarks/gpu_train.py
 	$(BIN)/python benchmarks/report.py
 

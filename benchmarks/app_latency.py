@@ -11,7 +11,8 @@ one after another: the latency one user sees. `concurrency` starts one server pe
 busy for --seconds against each server in turn (the order alternates between rounds, so a
 machine whose load drifts favours neither), each client sending its own photo: requests/s,
 latency percentiles, mean batch size, and the load average when each measurement began.
-Prints JSON, then a Markdown table.
+Prints JSON, then a Markdown table; `concurrency` also writes outputs/bench/app_latency.json
+(the table of docs/performance.md: `python benchmarks/report.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ import httpx
 from PIL import Image, ImageDraw, ImageOps
 
 from captioning.app.service import APP_THREADS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import hardware, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
@@ -266,8 +270,11 @@ def main() -> None:
     if args.mode == "concurrency":
         where = "coco-mini val2017" if source != "synthetic" else "synthetic scenes"
         result["photos"] = f"{max(args.clients)} photos, 640x480 JPEG ({where})"
+        result["hardware"] = hardware()
+        result["command"] = " ".join(["python benchmarks/app_latency.py", *sys.argv[1:]])
         result["concurrency"] = bench_concurrency(args, params)
         print(json.dumps(result, indent=2))
+        print(write_result("app_latency", result), file=sys.stderr)
         print("\n| clients | batching | requests/s | p50 ms | p95 ms | mean batch | load avg 1m |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for c in args.clients:

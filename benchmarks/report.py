@@ -274,6 +274,43 @@ def memory_table(lines: list[str]) -> None:
     ]
 
 
+def app_table(lines: list[str]) -> None:
+    r = load("app_latency")
+    if not r or "concurrency" not in r:
+        return
+    waits = list(r["concurrency"])
+    clients = list(r["concurrency"][waits[0]])
+    lines += [
+        "### Web app under concurrent clients (`benchmarks/app_latency.py --mode concurrency`)",
+        "",
+        f"Machine: {machine(r)}. Model: {r['encoder']} + {r['decoder']} "
+        f"(`{r['checkpoint']}`), beam {r['beam_size']}, attention maps in every answer; "
+        f"{r['photos']}, each client sending its own photo; {r['torch_threads']} torch thread(s) "
+        "in the server. Each setting ran twice (the order alternating), in the real server over "
+        "HTTP: requests/s over both, then p50/p95 and the 1-minute load of each. Batching off: "
+        "each request encoded and searched alone; on: requests arriving within the wait are "
+        "searched together (`--batch-wait-ms`).",
+        "",
+        "| clients | batching | requests/s | vs off | p50 ms | p95 ms | mean batch | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in clients:
+        off = r["concurrency"].get("wait_0.0ms", {}).get(c)
+        for w in waits:
+            x = r["concurrency"][w][c]
+            ms = float(w.removeprefix("wait_").removesuffix("ms"))
+            label = f"on ({ms:g} ms)" if ms > 0 else "off"
+            gain = f"{x['requests_per_s'] / off['requests_per_s']:.2f}x" if off and ms > 0 else "-"
+            cells = [", ".join(str(v) for v in x[k]) for k in ("p50_ms", "p95_ms", "mean_batch")]
+            load_s = ", ".join(str(v) for v in x["load_avg_1m"])
+            lines.append(
+                f"| {c} | {label} | {x['requests_per_s']} | {gain} | "
+                + " | ".join(cells)
+                + f" | {load_s} |"
+            )
+    lines += ["", f"`{r['command']}`", ""]
+
+
 def gpu_table(lines: list[str]) -> None:
     r = load("gpu_train")
     if not r:
@@ -303,6 +340,7 @@ def tables() -> list[str]:
     beam_tables(lines)
     train_table(lines)
     memory_table(lines)
+    app_table(lines)
     gpu_table(lines)
     return lines
 
