@@ -113,11 +113,15 @@ def read_offline_run(path: str | Path) -> OfflineRun:
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        print("usage: python -m captioning.training.wandb_offline <offline-run dir> ...")
-        return 2
-    for p in paths:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m captioning.training.wandb_offline",
+        description="What offline W&B runs hold (config, logged keys, summary), read locally.",
+    )
+    parser.add_argument("runs", nargs="+", type=Path, help="offline-run-* folders or run-*.wandb")
+    args = parser.parse_args(argv)
+    for p in args.runs:
         try:
             run = read_offline_run(p)
         except (OSError, ValueError) as e:
