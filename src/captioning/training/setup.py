@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,10 @@ def prepare_run(cfg: DictConfig) -> Run:
             resume_from.get("epoch"),
             resume_from.get("global_step"),
         )
+        # A resumed run writes on into its own folders on purpose: Lightning's warnings that they
+        # are not empty say nothing about it (a fresh run into a used folder still gets them).
+        for folder in ("Experiment logs directory", "Checkpoint directory"):
+            warnings.filterwarnings("ignore", message=rf"{folder} .* exists and is not empty")
         continue_csv_logs(trainer.loggers, int(resume_from.get("global_step", 0)))
     return Run(trainer, module, dm, ckpt_path, ckpt_cb, run_dir)
 
