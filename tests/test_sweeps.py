@@ -397,3 +397,18 @@ def test_a_run_with_wandb_and_no_account_logs_offline_beside_csv(tmp_path, data_
     assert len(lines) == 1 and f"wandb sync {run}/wandb/offline-run-*" in lines[0]
     assert list((run / "wandb").glob("offline-run-*"))
     assert (run / "csv" / "metrics.csv").is_file()  # the CSV log is kept beside W&B's
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_on_into_its_wandb_run(tmp_path, data_cache):
+    """Interrupted after epoch 1 and resumed: one W&B run (one id) holds both epochs."""
+    run = tmp_path / "run"
+    common = [*FAST_RUN, "logger=wandb", f"hydra.run.dir={run}", "test=false"]
+    run_sweep([*common, "trainer.max_epochs=1"], tmp_path, data_cache)
+    run_sweep([*common, "trainer.max_epochs=2", "resume=auto"], tmp_path, data_cache)
+    first, second = sorted((run / "wandb").glob("offline-run-*"))  # one folder per process
+    a, b = read_offline_run(first), read_offline_run(second)
+    assert a.id == b.id  # `wandb sync` of both uploads one run
+    assert json.loads((run / "run_info.json").read_text())["wandb_run"]["id"] == a.id
+    assert a.series("epoch")[-1] == 0 and b.series("epoch")[-1] == 1
+    assert len(a.series("val/bleu4")) == 1 and len(b.series("val/bleu4")) == 1

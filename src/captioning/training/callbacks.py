@@ -229,10 +229,13 @@ class RunInfo(Callback):
         self._write(trainer, pl_module, status, error=f"{type(exception).__name__}: {exception}")
 
     def state_dict(self) -> dict[str, Any]:
+        wandb = sys.modules.get("wandb")  # loaded only when a run logs to W&B
+        run = getattr(wandb, "run", None) if wandb is not None else None
         return {
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "train_time_s": self.train_time_s(),
+            "wandb_run_id": getattr(run, "id", None),  # a resumed run logs on into that run
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..checkpoint import (
     check_checkpoint_dir,
@@ -64,11 +64,26 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
+def continue_wandb_run(cfg: DictConfig, resume_from: dict[str, Any] | None) -> None:
+    """A resumed run logs on into the W&B run it started (its id, kept in the checkpoint by
+    RunInfo), not into a new one: one job, one W&B run, however often it was interrupted."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if resume_from is None or wandb_cfg is None or wandb_cfg.get("id"):
+        return
+    run_id = ((resume_from.get("callbacks") or {}).get("RunInfo") or {}).get("wandb_run_id")
+    if run_id:
+        with open_dict(cfg):
+            wandb_cfg.id = run_id  # WandbLogger resumes a run given its id (resume="allow")
+
+
 def prepare_run(cfg: DictConfig) -> Run:
     """Trainer, callbacks, data and module from `cfg`, checked before the first epoch."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     say(f"run directory: {run_dir}")
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir, resume=cfg.get("resume", "never"))
+    resume_from = read_checkpoint(ckpt_path) if ckpt_path else None
+    continue_wandb_run(cfg, resume_from)
     trainer, callbacks = instantiate_all(cfg)
     ckpt_cb = callbacks.get("model_checkpoint")
     ckpt_dir = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else None
@@ -80,8 +95,6 @@ def prepare_run(cfg: DictConfig) -> Run:
     # that is missing stops now; `auto` goes on and reports it as null.
     if cfg.test:
         require_meteor(cfg.test_decode.get("meteor"), "test_decode.meteor")
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir, resume=cfg.get("resume", "never"))
-    resume_from = read_checkpoint(ckpt_path) if ckpt_path else None
 
     encoder_cfg, decoder_cfg = plain(cfg, "encoder"), plain(cfg, "decoder")
     scst = scst_config(plain(cfg, "scst")) if cfg.get("scst") else None
