@@ -600,6 +600,13 @@ def figure(sweep: Sweep):
     return fig
 
 
+def _stopped(job: Job) -> bool:
+    """Stopped by a signal with its checkpoint saved: rerunning the sweep resumes it."""
+    return job.status == "failed" and (
+        job.note.startswith("interrupted") or "TrainingInterrupted" in job.note
+    )
+
+
 def _label(job: Job, keys: list[str]) -> str:
     """A job named by its swept values ("efficientnet_lite0, merge"), else by its number."""
     values = [_short(job.overrides.get(k, "")) for k in keys]
@@ -639,7 +646,7 @@ def scores_figure(sweep: Sweep, metric: str = "CIDEr"):
         bars = ax.bar(xs, heights, width * 0.95, label=value, color=f"C{c}")
         for bar, j in zip(bars, jobs, strict=True):
             text = (
-                "failed"
+                ("stopped" if _stopped(j) else "failed")
                 if j.status == "failed"
                 else f"{j.test[metric]:.3f}"
                 if j.test.get(metric) is not None
@@ -693,7 +700,8 @@ def curves_figure(sweep: Sweep):
             else "-"
         )
         epochs = [e + 1 for e, _ in j.curve]
-        label = _label(j, sweep.swept) + (f" ({j.status})" if j.status != "ok" else "")
+        state = "stopped" if _stopped(j) else j.status
+        label = _label(j, sweep.swept) + (f" ({state})" if state != "ok" else "")
         ax.plot(
             epochs,
             [v for _, v in j.curve],
@@ -762,11 +770,14 @@ def docs_table(sweep: Sweep) -> str:
     for j in sweep.jobs:
         settings = [_short(j.overrides.get(k, "")) for k in sweep.swept]
         if j.status == "failed":
-            note = j.note.replace("|", "/")[:120]
-            lines.append("| " + " | ".join(settings + [f"failed: {note}"] + [""] * 9) + " |")
+            if _stopped(j):
+                note = f"stopped after {j.epochs or 0} epoch(s); rerunning the sweep resumes it"
+            else:
+                note = "failed: " + j.note.replace("|", "/")[:120]
+            lines.append("| " + " | ".join(settings + [note] + [""] * 9) + " |")
             continue
         cells = settings + [
-            "" if j.best_epoch is None else str(j.best_epoch),
+            "" if j.best_epoch is None else str(j.best_epoch + 1),  # from 1, as the log counts
             _fmt(j.val.get("BLEU-4"), 3),
             _fmt(j.val.get("CIDEr"), 3),
         ]
@@ -778,6 +789,15 @@ def docs_table(sweep: Sweep) -> str:
             cells[len(settings)] += " (degenerate)"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _planned_jobs(sweep_dir: Path) -> int | None:
+    """How many jobs the sweep's grid has (multirun.yaml's basic-sweeper params), if known."""
+    try:
+        params = _load_yaml(Path(sweep_dir) / "multirun.yaml")["hydra"]["sweeper"]["params"]
+        return math.prod(len(str(v).split(",")) for v in (params or {}).values()) or None
+    except Exception:
+        return None
 
 
 def write_docs(sweep_dir: Path, docs: Path, name: str) -> list[Path]:
@@ -805,12 +825,14 @@ def write_docs(sweep_dir: Path, docs: Path, name: str) -> list[Path]:
             written.append(path)
             images.append(f"![{title}]({path.relative_to(docs.parent).as_posix()})")
     done = sum(j.status != "failed" for j in sweep.jobs)
+    total = _planned_jobs(sweep_dir) or len(sweep.jobs)
     block = [
         begin,
         "",
-        f"{len(sweep.jobs)} jobs ({done} finished) in `{sweep_dir}`; written by "
+        f"{total} jobs, {done} finished, in `{sweep_dir}`; written by "
         f"`python -m captioning.report {sweep_dir} --docs {docs} --name {name}`. Selection: "
-        f"`{sweep.monitor}` on val (the best epoch's checkpoint is tested); params: trained ones.",
+        f"`{sweep.monitor}` on val (the best epoch's checkpoint is tested; epochs counted from "
+        "1, as the training log and the curves count them); params: trained ones.",
         "",
         docs_table(sweep),
         "",

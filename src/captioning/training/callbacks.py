@@ -225,7 +225,11 @@ class RunInfo(Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        # Stopped by a signal (its checkpoint saved) or Ctrl-C: resumable, not broken.
+        stopped = isinstance(exception, KeyboardInterrupt) or type(exception).__name__ == (
+            "TrainingInterrupted"
+        )
+        status = "interrupted" if stopped else "failed"
         self._write(trainer, pl_module, status, error=f"{type(exception).__name__}: {exception}")
 
     def state_dict(self) -> dict[str, Any]:
