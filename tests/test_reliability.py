@@ -687,3 +687,24 @@ def test_an_interrupted_job_says_how_to_resume_its_run_or_its_sweep(mode, tmp_pa
     else:
         assert f"hydra.run.dir={tmp_path / 'sweep' / '3'}" in advice
     assert "resume=auto" in advice
+
+
+def test_a_finished_run_resumed_is_not_tested_again(tmp_path, data_cache, capsys):
+    """Rerunning a finished sweep resumes every job: the test split is scored once per model."""
+    from captioning.training import setup
+
+    run = tmp_path / "run"
+    train_script.train(tiny(run, data_cache, "encoder.fine_tune=none"))
+    scored = (run / "test_metrics.json").stat().st_mtime_ns
+    first = json.loads((run / "test_metrics.json").read_text())
+    capsys.readouterr()
+    train_script.train(tiny(run, data_cache, "encoder.fine_tune=none", "resume=auto"))
+    out = capsys.readouterr().out
+    assert "scored before" in out and (run / "test_metrics.json").stat().st_mtime_ns == scored
+    assert json.loads(out[out.index("{") : out.rindex("}") + 1])["test"] == first["metrics"]
+    # another decoding, or a checkpoint written after the scores: tested again
+    assert (
+        setup.already_tested(run, first["checkpoint"], {**first["decode"], "beam_size": 9}) is None
+    )
+    os.utime(first["checkpoint"], ns=(scored + 10**9, scored + 10**9))
+    assert setup.already_tested(run, first["checkpoint"], first["decode"]) is None

@@ -176,6 +176,23 @@ def prepare_run(cfg: DictConfig) -> Run:
     return Run(trainer, module, dm, ckpt_path, ckpt_cb, run_dir)
 
 
+def already_tested(run_dir: Path, best_path: str, decode: dict[str, Any]) -> dict | None:
+    """The run's test_metrics.json when it scored this very checkpoint with this decoding and
+    the checkpoint has not been written since; else None."""
+    path = run_dir / "test_metrics.json"
+    if not best_path or not path.is_file() or not (run_dir / "test_predictions.json").is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = previous.get("checkpoint") == best_path and previous.get("decode") == decode
+    best = Path(best_path)
+    if not same or not best.is_file() or best.stat().st_mtime > path.stat().st_mtime:
+        return None
+    return previous if isinstance(previous.get("metrics"), dict) else None
+
+
 def test_best(run: Run, cfg: DictConfig) -> None:
     """Test the best checkpoint (else the final weights); write test_metrics.json and
     test_predictions.json in the run directory and print the scores."""
@@ -185,6 +202,14 @@ def test_best(run: Run, cfg: DictConfig) -> None:
         log.warning(
             "no checkpoint with a finite %s was saved: testing the final weights", cfg.monitor
         )
+    previous = already_tested(run.run_dir, best_path, dict(cfg.test_decode))
+    if previous is not None:  # a finished run resumed (a sweep run again): test once per model
+        if trainer.is_global_zero:
+            print(
+                f"test ({Path(best_path).name}): scored before, {run.run_dir / 'test_metrics.json'}:"
+            )
+            print(json.dumps({"test": previous["metrics"]}, indent=2))
+        return
     # verbose=False: the scores print once, below, not also as Lightning's table
     trainer.test(
         module,
