@@ -42,15 +42,21 @@ def test_cached_features_equal_the_encoder_output(tmp_path):
     assert batch.feats.shape == (8, direct.shape[1], direct.shape[2])
 
 
-def test_cache_reused_and_keyed(tmp_path):
+def test_cache_reused_and_keyed(tmp_path, caplog):
     torch.manual_seed(0)
     enc = build_encoder("small_cnn", fine_tune="none")
     module(tmp_path, enc)
     dirs = set((tmp_path / "features").iterdir())
     assert len(dirs) == 3  # train, val, test
     stamps = {d: (d / "features.npy").stat().st_mtime_ns for d in dirs}
-    module(tmp_path, enc)  # same key: read back, not recomputed
+    caplog.clear()
+    with caplog.at_level("INFO", logger="captioning.features"):
+        module(tmp_path, enc)  # same key: read back, not recomputed
     assert {d: (d / "features.npy").stat().st_mtime_ns for d in dirs} == stamps
+    # the log says so, once per split (a sweep's later jobs show they share the first's work)
+    reads = [r.getMessage() for r in caplog.records if "from the cache" in r.getMessage()]
+    assert len(reads) == 3 and all(r.startswith("reading small_cnn features of") for r in reads)
+    assert not [r for r in caplog.records if "computing" in r.getMessage()]
 
     module(tmp_path, build_encoder("small_cnn", fine_tune="none", grid=4))  # other grid
     assert len(set((tmp_path / "features").iterdir()) - dirs) == 3

@@ -189,7 +189,11 @@ def compute_features(
 
     Continues an interrupted extraction of the same cache (see the module docstring).
     """
-    if out_dir.is_dir():
+    if out_dir.is_dir():  # computed by an earlier run (in a sweep: that encoder's first job)
+        log.info(
+            "reading %s features of %d images from the cache %s",
+            encoder.name, len(dataset.image_ids), out_dir,
+        )  # fmt: skip
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.with_name(out_dir.name + ".partial")
