@@ -300,7 +300,7 @@ def test_docs_get_the_table_and_figures_between_their_markers(sweep, tmp_path):
     assert text.endswith("<!-- sweep:grid:end -->\nafter\n") and "old table" not in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 4  # header + every job, the failed one with its error
-    assert "failed: failed: RuntimeError: out of memory" in rows[4]
+    assert "failed: RuntimeError: out of memory" in rows[4]
     assert rows[1].startswith("| 32 | 16 | 2 | 0.200 | 0.900 | 0.500 | 0.180 |")  # epoch from 1
     for name in ("grid_test.png", "grid_curves.png"):
         assert (docs.parent / "sweeps" / name).stat().st_size > 10_000
@@ -321,8 +321,14 @@ def test_a_job_stopped_by_a_signal_is_shown_as_resumable(tmp_path):
     write_job(tmp_path, 0, ["decoder=merge"], info=info(10), test=split_scores(0.1))
     stopped = info(10, status="interrupted", error="TrainingInterrupted: SIGTERM: stopped")
     write_job(tmp_path, 1, ["decoder=show_tell"], info={**stopped, "epochs": 1})
+    write_job(tmp_path, 2, ["decoder=soft_attention"], info=info(10, status="running"))
+    write_job(tmp_path, 3, ["decoder=updown"], info=info(10, status="failed", error="OSError: x"))
     s = report.read_sweep(tmp_path)
     table = report.docs_table(s)
-    assert "| show_tell | stopped after 1 epoch(s); rerunning the sweep resumes it |" in table
+    assert (
+        "| show_tell | not finished (1 epoch(s) so far); rerunning the sweep resumes it |" in table
+    )
+    assert "| soft_attention | not finished (0 epoch(s) so far);" in table  # running, or killed
+    assert "| updown | failed: OSError: x |" in table  # broken: its error
     bars = report.scores_figure(s).axes[0]
     assert "stopped" in [t.get_text() for t in bars.texts]

@@ -601,9 +601,12 @@ def figure(sweep: Sweep):
 
 
 def _stopped(job: Job) -> bool:
-    """Stopped by a signal with its checkpoint saved: rerunning the sweep resumes it."""
+    """Not finished but not broken: stopped by a signal with its checkpoint saved, or still
+    running (or killed) mid-run; rerunning the sweep resumes it."""
     return job.status == "failed" and (
-        job.note.startswith("interrupted") or "TrainingInterrupted" in job.note
+        job.note.startswith("interrupted")
+        or "TrainingInterrupted" in job.note
+        or "still running" in job.note
     )
 
 
@@ -771,9 +774,10 @@ def docs_table(sweep: Sweep) -> str:
         settings = [_short(j.overrides.get(k, "")) for k in sweep.swept]
         if j.status == "failed":
             if _stopped(j):
-                note = f"stopped after {j.epochs or 0} epoch(s); rerunning the sweep resumes it"
+                note = f"not finished ({j.epochs or 0} epoch(s) so far); rerunning the sweep resumes it"
             else:
-                note = "failed: " + j.note.replace("|", "/")[:120]
+                why = j.note.replace("|", "/")[:120]
+                note = why if why.startswith("failed") else f"failed: {why}"
             lines.append("| " + " | ".join(settings + [note] + [""] * 9) + " |")
             continue
         cells = settings + [
