@@ -331,4 +331,4 @@ def test_a_job_stopped_by_a_signal_is_shown_as_resumable(tmp_path):
     assert "| soft_attention | not finished (0 epoch(s) so far);" in table  # running, or killed
     assert "| updown | failed: OSError: x |" in table  # broken: its error
     bars = report.scores_figure(s).axes[0]
-    assert "stopped" in [t.get_text() for t in bars.texts]
+    assert "unfinished" in [t.get_text() for t in bars.texts]

@@ -649,7 +649,7 @@ def scores_figure(sweep: Sweep, metric: str = "CIDEr"):
         bars = ax.bar(xs, heights, width * 0.95, label=value, color=f"C{c}")
         for bar, j in zip(bars, jobs, strict=True):
             text = (
-                ("stopped" if _stopped(j) else "failed")
+                ("unfinished" if _stopped(j) else "failed")
                 if j.status == "failed"
                 else f"{j.test[metric]:.3f}"
                 if j.test.get(metric) is not None
@@ -703,7 +703,7 @@ def curves_figure(sweep: Sweep):
             else "-"
         )
         epochs = [e + 1 for e, _ in j.curve]
-        state = "stopped" if _stopped(j) else j.status
+        state = "unfinished" if _stopped(j) else j.status
         label = _label(j, sweep.swept) + (f" ({state})" if state != "ok" else "")
         ax.plot(
             epochs,
