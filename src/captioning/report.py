@@ -29,18 +29,14 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from .metrics import LOG_NAMES, METRIC_KEYS
+
 log = logging.getLogger(__name__)
 
-METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-LOGGED = {
-    "BLEU-1": "bleu1",
-    "BLEU-2": "bleu2",
-    "BLEU-3": "bleu3",
-    "BLEU-4": "bleu4",
-    "METEOR": "meteor",
-    "ROUGE-L": "rouge_l",
-    "CIDEr": "cider",
-}  # metric -> the name train.py logs it under (val/<name>; validation skips METEOR: Java is slow)
+METRICS = METRIC_KEYS
+LOGGED = (
+    LOG_NAMES  # metric -> the name train.py logs it under (val/<name>; validation skips METEOR)
+)
 CURVE = "val/cider"  # the per-epoch curve of every job in report_curves.png
 SHOWN = {m: "CIDEr-D" if m == "CIDEr" else m for m in METRICS}  # our CIDEr is CIDEr-D
 
