@@ -201,6 +201,7 @@ def test_optuna_params_count_as_swept(tmp_path):
         "params": {
             "optim.decoder_lr": "tag(log, interval(1e-4, 1e-2))",
             "decoder.dropout": "interval(0, 0.5)",
+            "encoder": "efficientnet_lite2",  # one value: a fixed setting, not compared
         }
     }
     assert report.sweep_keys(tmp_path, sweeper) == ["optim.decoder_lr", "decoder.dropout"]

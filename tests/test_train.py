@@ -231,3 +231,48 @@ def test_weight_ema_decay_warms_up():
         torch.testing.assert_close(out, torch.full((3,), 1 - d))
     fixed = ema_update(0.9, warmup=False)(avg, cur, torch.tensor(1))
     torch.testing.assert_close(fixed, torch.full((3,), 0.1))
+
+
+def sweep_jobs(experiment: str) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper launches for a sweep experiment: one override list each."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", [f"experiment={experiment}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    (batch,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(job) for job in batch]
+
+
+def test_model_sweep_is_every_encoder_with_every_decoder():
+    jobs = sweep_jobs("flickr8k_sweep")
+    pairs = {tuple(o.split("=")[1] for o in job) for job in jobs}
+    encoders = {f"efficientnet_lite{i}" for i in range(3)}
+    decoders = {"show_tell", "merge", "soft_attention"}
+    assert pairs == {(e, d) for e in encoders for d in decoders}
+    # the encoder changes slowest, so each encoder's first job extracts what the next two read
+    assert [job[0] for job in jobs[:3]] == ["encoder=efficientnet_lite0"] * 3
+
+
+def test_attention_sweep_changes_one_setting_per_job(tmp_path):
+    jobs = sweep_jobs("flickr8k_sweep_attention")
+    assert len(jobs) == len(options("attention_ablation")) == 5
+    decoders = {}
+    for job in jobs:
+        cfg = compose_cfg("train", ["experiment=flickr8k_sweep_attention", *job], out=tmp_path)
+        assert cfg.encoder.name == "efficientnet_lite2" and cfg.seed == 1
+        decoders[dict(o.split("=") for o in job)["attention_ablation"]] = dict(cfg.decoder)
+    base = decoders.pop("baseline")
+    assert base["name"] == "soft_attention"
+    changed = {v: {k for k in base if d[k] != base[k]} for v, d in decoders.items()}
+    assert changed == {
+        "no_regulariser": {"alpha_c"},
+        "no_gate": {"gate"},
+        "width128": {"attention_dim"},
+        "width512": {"attention_dim"},
+    }

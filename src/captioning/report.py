@@ -74,7 +74,9 @@ def sweep_keys(sweep_dir: Path, sweeper: dict[str, Any] | None = None) -> list[s
     if multirun.is_file():
         task = (_load_yaml(multirun).get("hydra") or {}).get("overrides", {}).get("task") or []
         keys += [override_key(o) for o in task if _is_sweep(o)]
-    keys += [str(k) for k in ((sweeper or {}).get("params") or {})]
+    # a key given one value (a fixed setting of the sweep) is not what the sweep compares
+    params = (sweeper or {}).get("params") or {}
+    keys += [str(k) for k, v in params.items() if _is_sweep(f"{k}={v}")]
     return list(dict.fromkeys(k for k in keys if not k.startswith("hydra.")))
 
 
