@@ -29,7 +29,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from .metrics import LOG_NAMES, METRIC_KEYS
+from ..metrics import LOG_NAMES, METRIC_KEYS
 
 log = logging.getLogger(__name__)
 
