@@ -17,17 +17,13 @@ same, or BLEU-4 of zero (not one 4-gram of any caption in the references), which
 alone would show as an ordinary low number.
 """
 
-import argparse
 import csv
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from hydra.experimental.callback import Callback
 
 from ..metrics import LOG_NAMES, METRIC_KEYS
 
@@ -732,32 +728,6 @@ def _save(fig, path: Path) -> bool:
     return True
 
 
-def write_report(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
-    """Write report.md, report.csv and the figures (report.png: the selection metric against each
-    setting; report_test.png: test CIDEr-D in grouped bars; report_curves.png: val CIDEr-D per
-    epoch); returns the paths written."""
-    sweep = read_sweep(sweep_dir)
-    out = Path(out_dir or sweep_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "report.csv", "md": out / "report.md", "png": out / "report.png"}
-    write_csv(sweep, paths["csv"])
-    has_plot = plot(sweep, paths["png"])
-    if not has_plot:
-        paths.pop("png")
-    figures = {}
-    if has_plot:  # matplotlib is there
-        extra = {
-            "test_png": ("report_test.png", "test CIDEr-D per job", scores_figure),
-            "curves_png": ("report_curves.png", "validation CIDEr-D per epoch", curves_figure),
-        }
-        for key, (name, title, make) in extra.items():
-            if _save(make(sweep), out / name):
-                paths[key] = out / name
-                figures[title] = name
-    paths["md"].write_text(markdown(sweep, paths["png"].name if has_plot else None, figures))
-    return paths
-
-
 def docs_table(sweep: Sweep) -> str:
     """The compact table of a results page: settings, the best epoch's val CIDEr-D and BLEU-4,
     test scores, size and time per epoch; jobs in job order, failed ones with their error."""
@@ -845,63 +815,3 @@ def write_docs(sweep_dir: Path, docs: Path, name: str) -> list[Path]:
     tail = rest.split(end, 1)[1]
     docs.write_text(head + "\n".join(block) + tail)
     return written
-
-
-class SweepReport(Callback):
-    """Hydra callback: write the report when a multirun ends (`hydra.callbacks.sweep_report`).
-
-    A sweep whose job raised never gets here (Hydra re-raises first): run the command then.
-    """
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            paths = write_report(sweep_dir)
-        except Exception as e:  # the jobs' results matter more than their summary
-            log.warning("no sweep report (python -m captioning.report %s): %s", sweep_dir, e)
-            return
-        log.info("sweep report: %s", paths["md"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m captioning.report",
-        description="Compare the jobs of a multirun: writes report.md, report.csv, report.png.",
-    )
-    parser.add_argument("sweep_dir", type=Path, help="the multirun directory (hydra.sweep.dir)")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="where to write (default: sweep_dir)"
-    )
-    parser.add_argument(
-        "--docs",
-        type=Path,
-        default=None,
-        help="also write the table and figures into this Markdown file, between "
-        "<!-- sweep:NAME:begin --> and <!-- sweep:NAME:end -->",
-    )
-    parser.add_argument("--name", default=None, help="NAME for --docs (default: the folder's)")
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"error: no such directory: {args.sweep_dir}", file=sys.stderr)
-        return 2
-    if not find_jobs(args.sweep_dir):
-        print(
-            f"error: no Hydra jobs (*/.hydra/overrides.yaml) under {args.sweep_dir}",
-            file=sys.stderr,
-        )
-        return 2
-    for path in write_report(args.sweep_dir, args.out).values():
-        print(path)
-    if args.docs is not None:
-        try:
-            written = write_docs(args.sweep_dir, args.docs, args.name or args.sweep_dir.name)
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        for path in written:
-            print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
