@@ -15,6 +15,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from .docs import write_docs
 from .jobs import (
     CURVE,
     DEGENERATE_BLEU4,
@@ -42,7 +43,6 @@ from .jobs import (
     scores_figure,
     sweep_keys,
     write_csv,
-    write_docs,
 )
 
 __all__ = [
