@@ -16,6 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from .docs import write_docs
+from .figures import _save, curves_figure, figure, plot, scores_figure
 from .jobs import (
     CURVE,
     DEGENERATE_BLEU4,
@@ -24,23 +25,18 @@ from .jobs import (
     SHOWN,
     Job,
     Sweep,
-    _save,
     best_val_from_csv,
     csv_rows,
     curve_from_csv,
-    curves_figure,
     degenerate,
     docs_table,
-    figure,
     find_jobs,
     from_checkpoint,
     markdown,
     override_key,
     override_value,
-    plot,
     read_job,
     read_sweep,
-    scores_figure,
     sweep_keys,
     write_csv,
 )

@@ -4,7 +4,8 @@ between `<!-- sweep:NAME:begin -->` and `<!-- sweep:NAME:end -->`."""
 import math
 from pathlib import Path
 
-from .jobs import _load_yaml, _save, curves_figure, docs_table, read_sweep, scores_figure
+from .figures import _save, curves_figure, scores_figure
+from .jobs import _load_yaml, docs_table, read_sweep
 
 
 def _planned_jobs(sweep_dir: Path) -> int | None:
