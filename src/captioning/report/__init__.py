@@ -4,7 +4,14 @@ Writes report.md, report.csv and report.png into the multirun directory: one row
 its swept settings, validation scores at the best epoch, test scores, size and training time.
 Failed jobs stay in the table with whatever they left behind.
 
-Here: `write_report`, the Hydra callback `SweepReport` and the command line (`main`).
+- `jobs`: read each job's records (Hydra's overrides and config, the metrics CSV, run_info.json,
+  test_metrics.json, the best checkpoint as a fallback) into `Job`s and a `Sweep`
+- `tables`: the report's Markdown and CSV, and the compact table of a results page
+- `figures`: the report's figures (matplotlib, imported only when a figure is drawn)
+- `docs`: splice the table and figures into a Markdown page (`--docs FILE --name NAME`)
+
+Here: `write_report`, the Hydra callback `SweepReport` and the command line (`main`, run by
+`__main__`). The public names of the modules above are importable from here.
 """
 
 import argparse
@@ -22,24 +29,20 @@ from .jobs import (
     DEGENERATE_BLEU4,
     LOGGED,
     METRICS,
-    SHOWN,
     Job,
     Sweep,
     best_val_from_csv,
-    csv_rows,
     curve_from_csv,
     degenerate,
-    docs_table,
     find_jobs,
     from_checkpoint,
-    markdown,
     override_key,
     override_value,
     read_job,
     read_sweep,
     sweep_keys,
-    write_csv,
 )
+from .tables import SHOWN, csv_rows, docs_table, markdown, write_csv
 
 __all__ = [
     "CURVE",

@@ -5,7 +5,8 @@ import math
 from pathlib import Path
 
 from .figures import _save, curves_figure, scores_figure
-from .jobs import _load_yaml, docs_table, read_sweep
+from .jobs import _load_yaml, read_sweep
+from .tables import docs_table
 
 
 def _planned_jobs(sweep_dir: Path) -> int | None:

@@ -5,7 +5,8 @@ import logging
 import math
 from pathlib import Path
 
-from .jobs import CURVE, SHOWN, Job, Sweep, _short, _stopped
+from .jobs import CURVE, Job, Sweep, _stopped
+from .tables import SHOWN, _short
 
 log = logging.getLogger(__name__)
 
