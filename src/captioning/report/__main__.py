@@ -1,4 +1,4 @@
-"""`python -m captioning.report <multirun dir>`: see `main`."""
+"""`python -m captioning.report <multirun dir> [--out DIR] [--docs FILE --name NAME]` (`main`)."""
 
 import sys
 
