@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from captioning import report
+from captioning.report.jobs import _is_sweep
 
 HEADER = [
     "epoch",
@@ -208,8 +209,8 @@ def test_optuna_params_count_as_swept(tmp_path):
 
 
 def test_sweep_syntax_is_recognised():
-    assert report._is_sweep("a=1,2") and report._is_sweep("+b=range(1,3)")
-    assert not report._is_sweep("a=1") and not report._is_sweep("logger=wandb")
+    assert _is_sweep("a=1,2") and _is_sweep("+b=range(1,3)")
+    assert not _is_sweep("a=1") and not _is_sweep("logger=wandb")
     assert report.override_key("+decoder.hidden_dim=64") == "decoder.hidden_dim"
 
 
