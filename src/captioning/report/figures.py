@@ -140,10 +140,6 @@ def _label(job: Job, keys: list[str]) -> str:
     return ", ".join(v for v in values if v) or job.label
 
 
-def _is_categorical(sweep: Sweep, key: str) -> bool:
-    return _numeric([j.overrides.get(key, "") for j in sweep.jobs]) is None
-
-
 def scores_figure(sweep: Sweep, metric: str = "CIDEr"):
     """Test `metric` in grouped bars: one group per value of the swept settings but the last,
     one colour per value of the last (sweep 1: a group per encoder, a bar per decoder).
