@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import matplotlib
 import pytest
 import torch
 import yaml
@@ -288,6 +289,15 @@ def test_grouped_test_bars_and_validation_curves(sweep):
     lines = {ln.get_label(): list(ln.get_ydata()) for ln in curves.get_lines()}
     assert lines["32, 16"] == [0.5, 0.9, 1.1] and lines["64, 32 (failed)"] == [0.1]
     assert "64, 16" not in lines  # job 2 logged no CSV: no curve to draw
+    # a line has the colour of its inner setting's bars and the style of its outer setting
+    bar_colour = {
+        t.get_text(): tuple(p.get_facecolor()[:3])
+        for t, p in zip(ax.get_legend().get_texts(), ax.get_legend().get_patches(), strict=True)
+    }
+    line = {ln.get_label(): ln for ln in curves.get_lines()}
+    assert matplotlib.colors.to_rgb(line["32, 16"].get_color()) == bar_colour["16"]
+    assert matplotlib.colors.to_rgb(line["64, 32 (failed)"].get_color()) == bar_colour["32"]
+    assert line["32, 16"].get_linestyle() != line["64, 32 (failed)"].get_linestyle()
 
 
 def test_docs_get_the_table_and_figures_between_their_markers(sweep, tmp_path):

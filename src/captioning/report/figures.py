@@ -210,18 +210,21 @@ def curves_figure(sweep: Sweep):
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     styles = ["-", "--", ":", "-."]
-    # jobs sharing the first swept value share a line style, the others a colour
-    first = (
-        list(dict.fromkeys(_short(j.overrides.get(sweep.swept[0], "")) for j in jobs))
-        if sweep.swept
-        else [""]
-    )
+
+    def value(j: Job, key: str) -> str:
+        return _short(j.overrides.get(key, ""))
+
+    # The colour follows the last swept setting, as in the bars of `scores_figure` (sweep 1: a
+    # colour per decoder), the line style the first (a style per encoder); with one swept
+    # setting, or none, every job has its own colour.
+    keys = sweep.swept
+    colour_key = keys[-1] if keys else None
+    style_key = keys[0] if len(keys) > 1 else None
+    colours = list(dict.fromkeys(value(j, colour_key) for j in sweep.jobs)) if colour_key else []
+    style_values = list(dict.fromkeys(value(j, style_key) for j in jobs)) if style_key else []
     for i, j in enumerate(jobs):
-        style = (
-            styles[first.index(_short(j.overrides.get(sweep.swept[0], ""))) % len(styles)]
-            if sweep.swept
-            else "-"
-        )
+        colour = colours.index(value(j, colour_key)) if colour_key else i
+        style = styles[style_values.index(value(j, style_key)) % len(styles)] if style_key else "-"
         epochs = [e + 1 for e, _ in j.curve]
         state = "unfinished" if _stopped(j) else j.status
         label = _label(j, sweep.swept) + (f" ({state})" if state != "ok" else "")
@@ -231,7 +234,7 @@ def curves_figure(sweep: Sweep):
             style,
             marker="o",
             ms=3,
-            color=f"C{i % 10}",
+            color=f"C{colour % 10}",
             label=label,
         )
     ax.set_xlabel("epoch")
