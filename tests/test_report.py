@@ -163,6 +163,11 @@ def test_reads_every_job_with_what_it_left(sweep):
     assert jobs[2].best_epoch == 3 and jobs[2].val["CIDEr"] == 1.2 and jobs[2].params == 21
     assert "out of memory" in jobs[3].note and jobs[3].val["BLEU-4"] == 0.05
     assert [j.num for j in s.ranked()] == [2, 1, 0, 3]
+    # the Markdown counts epochs from 1, as the training log does; the records count from 0
+    md = report.markdown(s, None)
+    assert "at epoch 4;" in md  # job 2, the best: record 3
+    row0 = next(line for line in md.splitlines() if line.startswith("| 0 |"))
+    assert row0.split(" | ")[4] == "2"  # job, status, hidden_dim, attention_dim, best epoch
 
 
 def test_writes_markdown_csv_and_plot(sweep):

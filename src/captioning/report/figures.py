@@ -93,8 +93,8 @@ def figure(sweep: Sweep):
         ax.set_xlabel(key)
         ax.set_ylabel(sweep.monitor)
         ax.grid(alpha=0.3)
-        if scored:
-            ax.legend(loc="best", fontsize=8)
+    if scored and sweep.swept:  # one legend for the setting panels, above them: never on a point
+        fig.legend(*flat[0].get_legend_handles_labels(), loc="upper left", ncol=3, fontsize=8)
     ax = flat[len(sweep.swept)]
     # Bars named by their settings when those are short, by job number otherwise.
     settings = [", ".join(_short(j.overrides.get(k, "")) for k in sweep.swept) for j in sweep.jobs]
@@ -107,7 +107,11 @@ def figure(sweep: Sweep):
         for j in sweep.jobs
     ]
     color = {"ok": "C0", "degenerate": "C1"}
-    bars = ax.bar(labels, heights, color=[color.get(j.status, "C3") for j in sweep.jobs])
+    # positions, not the labels, on the axis: job numbers as strings would make matplotlib
+    # log that it reads numbers as categories
+    xs = list(range(len(labels)))
+    bars = ax.bar(xs, heights, color=[color.get(j.status, "C3") for j in sweep.jobs])
+    ax.set_xticks(xs, labels)
     for bar, j in zip(bars, sweep.jobs, strict=True):
         if j.status == "failed":
             text = "failed"

@@ -27,6 +27,12 @@ def _fmt_time(s: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def _epoch(job: Job) -> str:
+    """The best epoch counted from 1, as the training log and the curves count it (Lightning,
+    run_info.json, report.csv and the checkpoint names count from 0)."""
+    return "" if job.best_epoch is None else str(job.best_epoch + 1)
+
+
 def csv_rows(sweep: Sweep) -> list[dict[str, Any]]:
     """One row per job, in job order, with full-precision numbers."""
     rows = []
@@ -91,7 +97,7 @@ def markdown(sweep: Sweep, plot_name: str | None, figures: dict[str, str] | None
         b = ranked[0]
         lines += [
             f"**Best: {b.label}** ({_settings(b, sweep.swept)}): {sweep.monitor} "
-            f"{_fmt(b.best_score)} at epoch {b.best_epoch}; test BLEU-4 {_fmt(b.test.get('BLEU-4'))}"
+            f"{_fmt(b.best_score)} at epoch {_epoch(b)}; test BLEU-4 {_fmt(b.test.get('BLEU-4'))}"
             f", CIDEr-D {_fmt(b.test.get('CIDEr'))}.",
             "",
         ]
@@ -112,7 +118,8 @@ def markdown(sweep: Sweep, plot_name: str | None, figures: dict[str, str] | None
         + ["params", "epochs", "time/epoch", "train time"]
     )
     lines += [
-        "Jobs, best first (validation scores at each job's best epoch):",
+        "Jobs, best first (validation scores at each job's best epoch, epochs counted from 1 as"
+        " the training log and the curves count them):",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -122,7 +129,7 @@ def markdown(sweep: Sweep, plot_name: str | None, figures: dict[str, str] | None
             str(j.num),
             j.status,
             *[_short(j.overrides.get(k, "")) for k in sweep.swept],
-            "" if j.best_epoch is None else str(j.best_epoch),
+            _epoch(j),
         ]
         cells += [_fmt(j.val.get(m)) for m in val_metrics]
         cells += [_fmt(j.test.get(m)) for m in METRICS]
@@ -166,7 +173,7 @@ def docs_table(sweep: Sweep) -> str:
             lines.append("| " + " | ".join(settings + [note] + [""] * 9) + " |")
             continue
         cells = settings + [
-            "" if j.best_epoch is None else str(j.best_epoch + 1),  # from 1, as the log counts
+            _epoch(j),
             _fmt(j.val.get("BLEU-4"), 3),
             _fmt(j.val.get("CIDEr"), 3),
         ]
