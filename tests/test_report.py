@@ -201,6 +201,10 @@ def test_a_job_killed_mid_run_is_listed_as_failed(tmp_path):
     assert s.swept == ["optim.decoder_lr"]  # it varies between jobs, though no multirun.yaml
     assert s.jobs[0].status == "failed" and "killed" in s.jobs[0].note
     assert report.write_report(tmp_path)["png"].is_file()
+    # not broken: the report says it is unfinished and that rerunning the sweep resumes it
+    md = (tmp_path / "report.md").read_text()
+    assert "1 finished, 1 unfinished, 0 failed" in md and "| 0 | unfinished |" in md
+    assert "## Unfinished jobs" in md and "## Failed jobs" not in md
 
 
 def test_optuna_params_count_as_swept(tmp_path):

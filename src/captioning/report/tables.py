@@ -81,12 +81,16 @@ def markdown(sweep: Sweep, plot_name: str | None, figures: dict[str, str] | None
     """The report; `plot_name` and `figures` ({title: file name}) are the PNGs beside it."""
     ok = [j for j in sweep.jobs if j.status == "ok"]
     useless = [j for j in sweep.jobs if j.status == "degenerate"]
-    failed = [j for j in sweep.jobs if j.status == "failed"]
+    # a job stopped mid-run (a signal, a killed or still running process) is not broken:
+    # rerunning the sweep resumes it
+    stopped = [j for j in sweep.jobs if _stopped(j)]
+    failed = [j for j in sweep.jobs if j.status == "failed" and not _stopped(j)]
     lines = [
         f"# Sweep report: {sweep.dir.name}",
         "",
         f"`{sweep.dir}`: {len(sweep.jobs)} jobs, {len(ok) + len(useless)} finished"
         + (f" ({len(useless)} degenerate)" if useless else "")
+        + (f", {len(stopped)} unfinished" if stopped else "")
         + f", {len(failed)} failed. "
         f"Selection metric: `{sweep.monitor}` (validation, best epoch; higher is better). "
         f"Swept: {', '.join(f'`{k}`' for k in sweep.swept) or 'nothing'}.",
@@ -127,7 +131,7 @@ def markdown(sweep: Sweep, plot_name: str | None, figures: dict[str, str] | None
     for j in ranked:
         cells = [
             str(j.num),
-            j.status,
+            "unfinished" if _stopped(j) else j.status,
             *[_short(j.overrides.get(k, "")) for k in sweep.swept],
             _epoch(j),
         ]
@@ -144,6 +148,11 @@ def markdown(sweep: Sweep, plot_name: str | None, figures: dict[str, str] | None
         lines += ["", "## Degenerate jobs", ""]
         lines += [
             f"- {j.label} ({_settings(j, sweep.swept)}): {j.note}  `{j.dir}`" for j in useless
+        ]
+    if stopped:
+        lines += ["", "## Unfinished jobs", "", "Rerunning the sweep's command resumes them.", ""]
+        lines += [
+            f"- {j.label} ({_settings(j, sweep.swept)}): {j.note}  `{j.dir}`" for j in stopped
         ]
     if failed:
         lines += ["", "## Failed jobs", ""]
