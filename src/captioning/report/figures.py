@@ -110,11 +110,12 @@ def figure(sweep: Sweep):
     # positions, not the labels, on the axis: job numbers as strings would make matplotlib
     # log that it reads numbers as categories
     xs = list(range(len(labels)))
-    bars = ax.bar(xs, heights, color=[color.get(j.status, "C3") for j in sweep.jobs])
+    colors = ["C7" if _stopped(j) else color.get(j.status, "C3") for j in sweep.jobs]
+    bars = ax.bar(xs, heights, color=colors)
     ax.set_xticks(xs, labels)
     for bar, j in zip(bars, sweep.jobs, strict=True):
         if j.status == "failed":
-            text = "failed"
+            text = "unfinished" if _stopped(j) else "failed"
         elif j.best_score is None:
             text = "?"
         else:
