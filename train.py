@@ -8,11 +8,15 @@ import hydra
 from omegaconf import DictConfig
 
 from captioning.cli import run_safely
-from captioning.training.setup import prepare_run, say, test_best
+from captioning.training.setup import finished_before, prepare_run, say, test_best
 
 
 def train(cfg: DictConfig) -> float | None:
     """Fit, then test the best checkpoint; returns the best selection metric for sweepers."""
+    done = finished_before(cfg)
+    if done is not None:  # a finished sweep job run again: nothing to train or test
+        say(f"finished before: {cfg.paths.output_dir} (run_info.json, test_metrics.json)")
+        return done.get("best_score")
     run = prepare_run(cfg)
     # weights_only: Lightning reads the checkpoint again; nothing in it may run code.
     run.trainer.fit(

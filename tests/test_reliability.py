@@ -694,14 +694,30 @@ def test_a_finished_run_resumed_is_not_tested_again(tmp_path, data_cache, capsys
     from captioning.training import setup
 
     run = tmp_path / "run"
-    train_script.train(tiny(run, data_cache, "encoder.fine_tune=none"))
+    best = train_script.train(tiny(run, data_cache, "encoder.fine_tune=none"))
     scored = (run / "test_metrics.json").stat().st_mtime_ns
+    info = (run / "run_info.json").stat().st_mtime_ns
     first = json.loads((run / "test_metrics.json").read_text())
     capsys.readouterr()
-    train_script.train(tiny(run, data_cache, "encoder.fine_tune=none", "resume=auto"))
+    # every epoch trained and the best checkpoint tested: nothing is started again
+    again = train_script.train(tiny(run, data_cache, "encoder.fine_tune=none", "resume=auto"))
     out = capsys.readouterr().out
-    assert "scored before" in out and (run / "test_metrics.json").stat().st_mtime_ns == scored
-    assert json.loads(out[out.index("{") : out.rindex("}") + 1])["test"] == first["metrics"]
+    assert "finished before" in out and again == pytest.approx(best)
+    assert (run / "test_metrics.json").stat().st_mtime_ns == scored
+    assert (run / "run_info.json").stat().st_mtime_ns == info  # no trainer, no callbacks ran
+    # an epoch more: the trainer resumes, trains it, and tests only a checkpoint not scored yet
+    train_script.train(
+        tiny(run, data_cache, "encoder.fine_tune=none", "resume=auto", "trainer.max_epochs=3")
+    )
+    out = capsys.readouterr().out
+    assert "finished before" not in out and (run / "run_info.json").stat().st_mtime_ns != info
+    assert json.loads((run / "run_info.json").read_text())["epochs"] == 3
+    now = json.loads((run / "test_metrics.json").read_text())
+    if now["checkpoint"] == first["checkpoint"]:  # the best is still the one tested: kept
+        assert "scored before" in out and now["metrics"] == first["metrics"]
+        assert (run / "test_metrics.json").stat().st_mtime_ns == scored
+    else:  # the new epoch is the best: it is tested
+        assert "scored before" not in out and now["checkpoint"].endswith("epoch002.ckpt")
     # another decoding, or a checkpoint written after the scores: tested again
     assert (
         setup.already_tested(run, first["checkpoint"], {**first["decode"], "beam_size": 9}) is None

@@ -193,6 +193,31 @@ def already_tested(run_dir: Path, best_path: str, decode: dict[str, Any]) -> dic
     return previous if isinstance(previous.get("metrics"), dict) else None
 
 
+def finished_before(cfg: DictConfig) -> dict[str, Any] | None:
+    """A run resumed after it finished (a sweep run again): its run_info.json when it completed
+    all of `trainer.max_epochs` and its best checkpoint was tested with this decoding; else None.
+
+    Such a run has nothing left to do, so train.py starts nothing: no trainer, no data, no new
+    W&B run (which would be an empty second folder under the job's id). A run stopped early, or
+    resumed with more epochs, goes through the trainer as usual.
+    """
+    resume = cfg.get("resume", "never")
+    max_epochs = (cfg.get("trainer") or {}).get("max_epochs")
+    if resume == "never" or not cfg.get("test") or not max_epochs or max_epochs < 0:
+        return None
+    run_dir = Path(cfg.paths.output_dir)
+    try:
+        info = json.loads((run_dir / "run_info.json").read_text())
+        scored = json.loads((run_dir / "test_metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("status") != "completed" or int(info.get("epochs") or 0) < max_epochs:
+        return None
+    if already_tested(run_dir, scored.get("checkpoint") or "", dict(cfg.test_decode)) is None:
+        return None
+    return info
+
+
 def test_best(run: Run, cfg: DictConfig) -> None:
     """Test the best checkpoint (else the final weights); write test_metrics.json and
     test_predictions.json in the run directory and print the scores."""
