@@ -120,14 +120,7 @@ def figure(sweep: Sweep):
             text = "?"
         else:
             text = f"{j.best_score:.3g}" + ("\ndegenerate" if j.status == "degenerate" else "")
-        ax.annotate(
-            text,
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=7,
-            color=bar.get_facecolor(),
-        )
+        _label_bar(ax, bar, text, color=bar.get_facecolor())
     ax.set_xlabel(f"job: {', '.join(sweep.swept)}" if short else "job (settings in report.md)")
     ax.set_ylabel(sweep.monitor)
     ax.set_title("per job", fontsize=9)
@@ -137,6 +130,12 @@ def figure(sweep: Sweep):
     fig.suptitle(f"{sweep.dir.name}: best {sweep.monitor} per job", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _label_bar(ax, bar, text: str, **style) -> None:
+    """`text` centred just above `bar`."""
+    x = bar.get_x() + bar.get_width() / 2
+    ax.annotate(text, (x, bar.get_height()), ha="center", va="bottom", fontsize=7, **style)
 
 
 def _label(job: Job, keys: list[str]) -> str:
@@ -182,13 +181,7 @@ def scores_figure(sweep: Sweep, metric: str = "CIDEr"):
             )
             if j.status == "degenerate":
                 text += "\n(degenerate)"
-            ax.annotate(
-                text,
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=7,
-            )
+            _label_bar(ax, bar, text)
     ax.set_xticks(range(len(groups)), groups if outer else [""])
     if outer:
         ax.set_xlabel(", ".join(outer))
