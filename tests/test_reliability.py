@@ -157,8 +157,8 @@ def test_kill_and_resume_matches_uninterrupted_run(scenario, baseline, tmp_path,
         proc = train_proc([*run, *resume, *kill_at(sig, epoch, batch)], data_cache)
         assert proc.returncode == EXIT[sig], proc.stderr[-3000:]
         if sig != "SIGKILL":  # one line that says where the checkpoint is and how to resume
-            last = proc.stderr.strip().splitlines()[-1]
-            assert last.startswith(f"error: {sig}: stopped ") and f"epoch {epoch}" in last, last
+            last = proc.stderr.strip().splitlines()[-1]  # epochs counted from 1, as the log does
+            assert last.startswith(f"error: {sig}: stopped ") and f"epoch {epoch + 1}" in last, last
             assert "saved" in last and "resume=auto" in last and "Traceback" not in proc.stderr
     # The first scenario resumes the documented way, the others through resume=auto.
     again = ["ckpt_path=last"] if scenario == "sigkill_after_epoch_0" else ["resume=auto"]

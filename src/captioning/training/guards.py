@@ -106,7 +106,7 @@ class GracefulInterrupt(Callback):
         if self.received is not None and batch_idx + 1 < trainer.num_training_batches:
             self._save_and_stop(
                 trainer,
-                f"in epoch {trainer.current_epoch} after batch "
+                f"in epoch {trainer.current_epoch + 1} after batch "  # from 1, as the log counts
                 f"{batch_idx + 1} of {trainer.num_training_batches}",
             )
 
@@ -114,7 +114,7 @@ class GracefulInterrupt(Callback):
     # on_train_epoch_end, have saved it; that is, at the next epoch's start or the training's end.
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.received is not None:
-            self._save_and_stop(trainer, f"at the end of epoch {trainer.current_epoch - 1}")
+            self._save_and_stop(trainer, f"at the end of epoch {trainer.current_epoch}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
