@@ -111,6 +111,43 @@ def test_forward_gradients_equal_stepwise(name):
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+# hard attention samples regions: its two calls would draw different ones
+@pytest.mark.parametrize("name", [n for n in list_decoders() if n != "hard_attention"])
+def test_forward_grouped_equals_copied_images(name):
+    """forward(..., group=G) with one feature row per image is forward with each image copied
+    G times (self-critical's samples): same logits, alphas and gradients."""
+    G, lengths = 3, torch.tensor([9, 3, 6, 1, 9, 2])
+    caps = captions(6, 9)
+    real = torch.arange(9) < lengths.unsqueeze(1)
+    outs = []
+    for grouped in (True, False):
+        dec = make(name)
+        feats = torch.randn(2, N, D, generator=torch.Generator().manual_seed(2))
+        feats.requires_grad_(True)
+        logits, alphas = (
+            dec(feats, caps, lengths=lengths, group=G)
+            if grouped
+            else dec(feats.repeat_interleave(G, dim=0), caps, lengths=lengths)
+        )
+        logits[real].logsumexp(-1).sum().backward()
+        grads = {k: p.grad for k, p in dec.named_parameters() if p.grad is not None}
+        outs.append((logits[real], None if alphas is None else alphas[real], feats.grad, grads))
+    (a, aa, af, ag), (b, ba, bf, bg) = outs
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    if ba is not None:
+        torch.testing.assert_close(aa, ba, rtol=0, atol=1e-6)
+    torch.testing.assert_close(af, bf, rtol=1e-4, atol=1e-5)
+    assert ag.keys() == bg.keys() and ag
+    for k in ag:
+        torch.testing.assert_close(ag[k], bg[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("name", list_decoders())
+def test_forward_group_must_account_for_every_caption(name):
+    with pytest.raises(ValueError, match="3 per image"):
+        make(name)(torch.randn(2, N, D), captions(5, 4), group=3)
+
+
 def test_regularizer_masks_padding():
     dec = make("soft_attention")
     alphas = torch.full((2, 4, N), 1.0 / N)

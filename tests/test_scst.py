@@ -110,26 +110,29 @@ def test_samples_follow_the_decoder_distribution_and_end_properly():
         assert n <= 4 and all(t == pad for t in row[n + 1 :]) and pad not in row[:n]
 
 
+@pytest.mark.parametrize("samples", [1, 3])
 @pytest.mark.parametrize("name", list_decoders())
-def test_sequence_log_probs_equal_the_stepwise_log_probs(name):
+def test_sequence_log_probs_equal_the_stepwise_log_probs(name, samples):
+    """With several samples per image, each image's regions are prepared once (group=S): the
+    log-probabilities are still those of stepping each sample with its own copy."""
     torch.manual_seed(0)
     vocab = toy_vocab()
     dec = build_decoder(name, len(vocab), 12, embed_dim=8, hidden_dim=16).eval()
-    feats = torch.randn(6, 5, 12)
+    feats = torch.randn(6 // samples, 5, 12)
     banned = vocab.banned()
     toks = sample(
         dec,
         feats,
-        num_samples=1,
+        num_samples=samples,
         start_id=vocab.start_id,
         end_id=vocab.end_id,
         pad_id=vocab.pad_id,
         max_len=6,
         banned=banned,
     )
-    logp, mask = sequence_log_probs(dec, feats, toks, vocab, banned)
-    # the same by stepping
-    memory = dec.prepare(feats)
+    logp, mask = sequence_log_probs(dec, feats, toks, vocab, banned, group=samples)
+    # the same by stepping, each sample with its own copy of its image
+    memory = dec.prepare(feats.repeat_interleave(samples, dim=0))
     state = dec.init_state(memory)
     tok = torch.full((6,), vocab.start_id)
     ref = torch.zeros_like(logp)

@@ -78,14 +78,14 @@ class EnsembleDecoder(Decoder):
         logp, alpha = self._mean([o[0] for o in outs], [o[2] for o in outs])  # (B, V), (B, N)
         return logp, tuple(t for o in outs for t in o[1]), alpha
 
-    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None):
+    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None, group: int = 1):
         """Teacher forcing through each member's own (fast) forward; log p averaged as in `step`.
 
         Steps a member skips (past `lengths`) have zero logits, so their log p is uniform there:
         padding, masked like any decoder's.
         """
         outs = [
-            m(feats[..., a:b], inputs, lengths=lengths)
+            m(feats[..., a:b], inputs, lengths=lengths, group=group)
             for m, (a, b) in zip(self.members, self.slices, strict=True)
         ]
         return self._mean([o[0] for o in outs], [o[1] for o in outs])  # (B, T, V), (B, T, N)

@@ -113,19 +113,26 @@ def scst_loss(logp: Tensor, mask: Tensor, advantage: Tensor) -> Tensor:
 
 
 def sequence_log_probs(
-    decoder: Decoder, feats: Tensor, tokens: Tensor, vocab: Vocab, banned: tuple[int, ...]
+    decoder: Decoder,
+    feats: Tensor,
+    tokens: Tensor,
+    vocab: Vocab,
+    banned: tuple[int, ...],
+    group: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Teacher-forced log-probabilities of sampled `tokens` (R, L): logp (R, L), mask (R, L).
 
-    feats (R, N, D) are each row's image features. The banned words get -inf before the
-    softmax, as they did when sampling, so this is the sampling distribution itself.
+    feats (R / G, N, D) are the images' features, image i's samples the G = `group` rows
+    iG ... iG + G - 1 of `tokens`: the decoder prepares each image's regions once for all of
+    its samples. The banned words get -inf before the softmax, as they did when sampling, so
+    this is the sampling distribution itself.
     """
     R = tokens.size(0)
     start = torch.full((R, 1), vocab.start_id, dtype=tokens.dtype, device=tokens.device)
     inputs = torch.cat([start, tokens[:, :-1]], dim=1)  # (R, L)
     mask = tokens != vocab.pad_id  # (R, L): words and <end>
     inputs = inputs.masked_fill(~mask, vocab.pad_id)
-    logits, _ = decoder(feats, inputs, lengths=mask.sum(1))  # (R, L, V)
+    logits, _ = decoder(feats, inputs, lengths=mask.sum(1), group=group)  # (R, L, V)
     logits = logits.float()
     if banned:
         logits[..., list(banned)] = float("-inf")
@@ -176,9 +183,7 @@ def self_critical_step(
             greedy_caps = [vocab.decode(h.tokens) for h in hyps]
             greedy = rewards_of(greedy_caps, list(image_ids), cider, cfg)
         advantage = (rewards - baseline_rewards(rewards, greedy, kind)).flatten()  # (B*S,)
-        logp, mask = sequence_log_probs(
-            decoder, feats.repeat_interleave(S, dim=0), tokens, vocab, banned
-        )
+        logp, mask = sequence_log_probs(decoder, feats, tokens, vocab, banned, group=S)
         loss = scst_loss(logp, mask, advantage.to(logp.device))
     finally:
         decoder.train(was_training)

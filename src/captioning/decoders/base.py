@@ -8,9 +8,11 @@ Every decoder maps region features (B, N, D) and caption tokens to next-word log
 - ``step_grouped(tokens, state, memory, group)``: `step` for G state rows per memory row, or
   group[i] for row i (the beams of one image share its memory, so beam search never copies
   the image features, and ended beams can be left out)
-- ``forward(feats, inputs, lengths=None) -> (logits (B, T, V), alphas (B, T, N) or None)``:
-  teacher forcing; with `lengths` a decoder may skip the steps of row b past lengths[b] (their
-  logits and alphas are then zeros: they must be masked, as the loss does with padding)
+- ``forward(feats, inputs, lengths=None, group=1) -> (logits (B, T, V), alphas (B, T, N) or
+  None)``: teacher forcing; with `lengths` a decoder may skip the steps of row b past
+  lengths[b] (their logits and alphas are then zeros: they must be masked, as the loss does
+  with padding); with `group` G, feats has B / G rows and image i serves the G caption rows
+  iG ... iG + G - 1 (self-critical's samples), so `prepare` runs once per image
 
 Letters: B batch, T caption steps, N image regions, D feature width, E embedding width,
 H hidden width, A attention width, V vocabulary, G state rows per memory row.
@@ -62,9 +64,9 @@ class Decoder(nn.Module):
             memory = tuple(m.index_select(0, rows) for m in memory)
         return self.step(tokens, state, memory)
 
-    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None):
+    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None, group: int = 1):
         # `lengths` lets a decoder skip padding steps; the plain loop computes them all.
-        return self.forward_stepwise(feats, inputs)
+        return self.forward_stepwise(expand_images(feats, inputs, group), inputs)
 
     def compile_step(self, **options) -> None:
         """Compile the training hot path in place; the state dict keeps its keys.
@@ -146,6 +148,35 @@ class Attention(nn.Module):
                 contexts.append(alpha @ feats[i])  # (G, D)
                 r += g
         return torch.cat(alphas), torch.cat(contexts)
+
+
+def check_group(feats: Tensor, inputs: Tensor, group: int) -> None:
+    """A ValueError unless `group` caption rows per image account for every row of `inputs`."""
+    if group < 1 or feats.size(0) * group != inputs.size(0):
+        raise ValueError(
+            f"{inputs.size(0)} caption rows cannot be {group} per image of {feats.size(0)}"
+        )
+
+
+def expand_images(feats: Tensor, inputs: Tensor, group: int) -> Tensor:
+    """feats (B / G, N, D) with one row per caption row of `inputs`: (B, N, D)."""
+    check_group(feats, inputs, group)
+    return feats if group == 1 else feats.repeat_interleave(group, dim=0)
+
+
+def memory_rows(
+    n_images: int, group: int, order: Tensor | None, device: torch.device
+) -> Tensor | None:
+    """The image row each caption row reads, after sorting by `order`; None: row i reads i.
+
+    Decoders that embed or project the regions (`prepare`) do it once per image and then
+    index the result, so G captions of an image cost one projection (and its gradient sums
+    over them).
+    """
+    rows = None if group == 1 else torch.arange(n_images, device=device).repeat_interleave(group)
+    if order is None:
+        return rows
+    return order if rows is None else rows.index_select(0, order)
 
 
 def unpack_steps(

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .base import DECODERS, Decoder, Memory, State, check_dropout
+from .base import DECODERS, Decoder, Memory, State, check_dropout, expand_images
 
 
 def lstm_over_words(
@@ -80,9 +80,10 @@ class ShowTellDecoder(Decoder):
         h, c = self.lstm(self.embedding(tokens), state)
         return self.fc(self.dropout(h)), (h, c), None
 
-    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None):
+    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None, group: int = 1):
         """Teacher forcing, equal to `forward_stepwise` on every step it computes (those within
         `lengths`; the logits of the others are zeros)."""
+        feats = expand_images(feats, inputs, group)
         out, mask = lstm_over_words(
             self.lstm, self.embedding(inputs), self.init_state(self.prepare(feats)), lengths
         )
@@ -124,9 +125,10 @@ class MergeDecoder(Decoder):
         merged = torch.relu(self.merge(self.dropout(torch.cat([h, memory[0]], dim=1))))
         return self.fc(self.dropout(merged)), (h, c), None
 
-    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None):
+    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None, group: int = 1):
         """Teacher forcing, equal to `forward_stepwise` on every step it computes (those within
         `lengths`; the logits of the others are zeros)."""
+        feats = expand_images(feats, inputs, group)
         memory = self.prepare(feats)
         out, mask = lstm_over_words(
             self.lstm, self.embedding(inputs), self.init_state(memory), lengths

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import DECODERS, Decoder, Group, Memory, State
+from .base import DECODERS, Decoder, Group, Memory, State, expand_images
 from .soft_attention import SoftAttentionDecoder
 
 
@@ -91,9 +91,10 @@ class HardAttentionDecoder(SoftAttentionDecoder):
     def compile_step(self, **options) -> None:
         raise ConfigError("compile applies to soft attention's training step, not hard attention")
 
-    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None):
+    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None, group: int = 1):
         """Teacher forcing with sampled regions; with `lengths`, rows past their end are skipped
         (longest first, as in soft attention) and their logits and alphas are zeros."""
+        feats = expand_images(feats, inputs, group)
         B, T = inputs.shape
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long, device=inputs.device)

@@ -21,7 +21,9 @@ from .base import (
     Memory,
     State,
     check_dropout,
+    check_group,
     doubly_stochastic,
+    memory_rows,
     unpack_steps,
 )
 
@@ -289,26 +291,32 @@ class SoftAttentionDecoder(Decoder):
 
     _cell_fn: Callable | None = None  # set by compile_step; a function, so not in the state dict
 
-    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None):
+    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None, group: int = 1):
         """Teacher forcing, equal to `forward_stepwise` on every step it computes.
 
-        Step-independent work runs once: the encoder-side attention projection, the embedding
+        Step-independent work runs once: the encoder-side attention projection (once per image
+        of `group` caption rows), the embedding
         half of the gates, the output layer. With `lengths` (steps to compute per row, e.g. the
         number of non-padding targets), rows are sorted longest first so that step t runs on
         the first b_t rows only and padding costs nothing; logits and alphas past a row's
         length are zeros, and rows come back in their input order.
         """
+        check_group(feats, inputs, group)
         B, T = inputs.shape
         steps = torch.arange(T, device=inputs.device)
+        order = None
         if lengths is None:
             alive = torch.ones(T, B, dtype=torch.bool, device=inputs.device)
         else:
             order = lengths.argsort(descending=True, stable=True)  # (B,) longest first
-            feats, inputs = feats.index_select(0, order), inputs.index_select(0, order)
+            inputs = inputs.index_select(0, order)
             alive = lengths.index_select(0, order).unsqueeze(0) > steps.unsqueeze(1)  # (T, B)
         sizes = [n for n in alive.sum(1).tolist() if n > 0]  # b_t: rows [b_t:] have ended
         w_h, b_h, w_ctx, w_emb, b_emb = self._fused_weights()
-        feats_proj = self.attention.encoder_att(feats)  # (B, N, A), once
+        feats_proj = self.attention.encoder_att(feats)  # (B / G, N, A), once per image
+        rows = memory_rows(feats.size(0), group, order, inputs.device)
+        if rows is not None:
+            feats, feats_proj = feats.index_select(0, rows), feats_proj.index_select(0, rows)
         h, c = self.init_state((feats, feats_proj))  # (B, H) each
         # Inputs packed like a PackedSequence: step 0's b_0 rows, then step 1's b_1, ...; P rows.
         # A batch of 64 captions has ~280 distinct words in ~760 positions: the embedding half

@@ -31,7 +31,9 @@ from .base import (
     Memory,
     State,
     check_dropout,
+    check_group,
     doubly_stochastic,
+    memory_rows,
     unpack_steps,
 )
 
@@ -171,24 +173,31 @@ class UpDownDecoder(Decoder):
         """Compile the loop body of `forward` (dynamic in the batch, which shrinks as captions end)."""
         self._cell_fn = torch.compile(self._cell, dynamic=True, **options)
 
-    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None):
+    def forward(self, feats: Tensor, inputs: Tensor, lengths: Tensor | None = None, group: int = 1):
         """Teacher forcing, equal to `forward_stepwise` on every step it computes.
 
         With `lengths` (steps to compute per row), rows are sorted longest first so that step
         t runs on the first b_t rows only; logits and alphas past a row's length are zeros, and
-        rows come back in their input order.
+        rows come back in their input order. With `group`, each image's regions are embedded
+        once for its `group` caption rows.
         """
+        check_group(feats, inputs, group)
         B, T = inputs.shape
         steps = torch.arange(T, device=inputs.device)
+        order = None
         if lengths is None:
             alive = torch.ones(T, B, dtype=torch.bool, device=inputs.device)
         else:
             order = lengths.argsort(descending=True, stable=True)  # (B,) longest first
-            feats, inputs = feats.index_select(0, order), inputs.index_select(0, order)
+            inputs = inputs.index_select(0, order)
             alive = lengths.index_select(0, order).unsqueeze(0) > steps.unsqueeze(1)  # (T, B)
         sizes = [n for n in alive.sum(1).tolist() if n > 0]  # b_t: rows [b_t:] have ended
         w_mean, w_emb, b_att, w_h2, w_h1, b_h1, w_ctx = self._weights()
-        v, v_proj, v_mean = self.prepare(feats)  # (B, N, H), (B, N, A), (B, H)
+        memory = self.prepare(feats)  # once per image: (B / G, N, H), (B / G, N, A), (B / G, H)
+        rows = memory_rows(feats.size(0), group, order, inputs.device)
+        if rows is not None:
+            memory = tuple(m.index_select(0, rows) for m in memory)
+        v, v_proj, v_mean = memory  # (B, N, H), (B, N, A), (B, H)
         h1, c1, h2, c2 = self.init_state((v, v_proj, v_mean))
         # Packed like a PackedSequence: step 0's b_0 rows, then step 1's b_1, ...; P entries.
         rows = torch.arange(B, device=inputs.device).expand(T, B)[alive]  # (P,) row of each
