@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --compile        # also compile_step() (minutes on a CPU)
     python benchmarks/train_step.py --bf16           # also bf16 autocast of the fast path
     python benchmarks/train_step.py --bf16 --curve 200   # + 200-step loss curves, fp32 vs bf16
+    python benchmarks/train_step.py --decoder updown --name train_step_updown   # Up-Down's
 
 One step = forward, the LightningModule's loss (cross-entropy + attention regulariser), backward,
 AdamW step, on a batch of 64 Flickr8k training captions (from the converted dataset when it is
@@ -18,7 +19,9 @@ depend on them), the same weights for every variant:
 
 Before timing, each variant's loss and gradients are checked against stepwise's (dropout off).
 FLOPs per step: `captioning.flops.train_flops` of the batch (3 x the forward's multiply-adds
-over the real target words), so captions/s is also GFLOP/s, against roofline.json's peak.
+over the real target words), so captions/s is also GFLOP/s, against roofline.json's peak
+(soft attention only). `--decoder updown`: experiment=flickr8k_updown's decoder instead, with
+"fast+lengths" its fast forward (`UpDownDecoder.forward`).
 
 bf16 (`--bf16`, `--curve`) runs under `torch.autocast("cpu", torch.bfloat16)`, as Lightning's
 `trainer.precision=bf16-mixed` does; on a CPU without bf16 units it is skipped (torch's bf16
@@ -53,6 +56,12 @@ from roofline import peaks
 
 from captioning.decoders import build_decoder
 from captioning.flops import DecoderSizes, train_flops
+
+# the decoders of experiment=flickr8k and experiment=flickr8k_updown
+DECODER_SIZES = {
+    "soft_attention": FLICKR8K_DECODER,
+    "updown": {"embed_dim": 512, "hidden_dim": 1024, "attention_dim": 512, "alpha_c": 0.0},
+}
 
 
 def flickr8k_captions() -> tuple[list[list[int]], int, str]:
@@ -185,16 +194,17 @@ def main() -> None:
     p.add_argument("--force-bf16", action="store_true", help="bf16 even without bf16 units")
     p.add_argument("--curve", type=int, default=0, help="loss curves of N steps, fp32 vs bf16")
     p.add_argument("--name", default="train_step", help="outputs/bench/NAME.json")
+    p.add_argument("--decoder", default="soft_attention", choices=sorted(DECODER_SIZES))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     captions, vocab_size, captions_desc = flickr8k_captions()
     dec = build_decoder(
-        "soft_attention",
+        a.decoder,
         vocab_size=vocab_size,
         encoder_dim=LITE2_DIM,
         dropout=0.5,
-        **FLICKR8K_DECODER,
+        **DECODER_SIZES[a.decoder],
     ).train()
     opt = torch.optim.AdamW(dec.parameters(), lr=1e-4)
     batches = make_batches(captions, a.rounds + 1, a.batch)
@@ -202,9 +212,11 @@ def main() -> None:
     hw = hardware()
     bf16_ok = bool(hw["bf16_units"]) or a.force_bf16
     no_bf16 = "no bf16 units (amx_bf16 / avx512_bf16) on this CPU: bf16 not run (--force-bf16)"
-    sizes = DecoderSizes.of(dec, LITE2_REGIONS)
     words = [int((t != 0).sum()) for _, _, t in batches]
-    step_flops = sum(train_flops(sizes, a.batch, w) for w in words) / len(words)
+    step_flops = None  # FLOPs are counted for soft attention's shapes
+    if a.decoder == "soft_attention":
+        sizes = DecoderSizes.of(dec, LITE2_REGIONS)
+        step_flops = sum(train_flops(sizes, a.batch, w) for w in words) / len(words)
     result = {
         "benchmark": "train_step",
         "batch": a.batch,
@@ -213,12 +225,13 @@ def main() -> None:
             "vocab": vocab_size,
             "encoder_dim": LITE2_DIM,
             "regions": LITE2_REGIONS,
-            **FLICKR8K_DECODER,
+            "name": a.decoder,
+            **DECODER_SIZES[a.decoder],
             "dropout": 0.5,
         },
         "hardware": hw,
         "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
-        "gflop_per_step": round(step_flops / 1e9, 2),
+        "gflop_per_step": step_flops and round(step_flops / 1e9, 2),
     }
     real = sum(int((t != 0).sum()) for _, _, t in batches)
     padded = sum(t.numel() for _, _, t in batches)
@@ -262,8 +275,6 @@ def main() -> None:
     peak = peaks(a.threads)
     for v, t in timings.items():
         rows[v] = {
-            "gflops": round(step_flops / t["wall_s"] / 1e9, 1),
-            "gflops_cpu": round(step_flops / t["cpu_s"] / 1e9, 1),
             "captions_per_s_cpu": round(a.batch / t["cpu_s"], 1),
             "captions_per_s_wall": round(a.batch / t["wall_s"], 1),
             "step_ms_cpu": round(t["cpu_s"] * 1e3),
@@ -271,7 +282,10 @@ def main() -> None:
             "speedup_cpu": round(base["cpu_s"] / t["cpu_s"], 2),
             "speedup_wall": round(base["wall_s"] / t["wall_s"], 2),
         }
-        if peak:
+        if step_flops:
+            rows[v]["gflops"] = round(step_flops / t["wall_s"] / 1e9, 1)
+            rows[v]["gflops_cpu"] = round(step_flops / t["cpu_s"] / 1e9, 1)
+        if peak and step_flops:
             ref = peak["bf16" if v.endswith("bf16") else "fp32"]
             rows[v]["fraction_of_peak"] = round(rows[v]["gflops"] / ref["gflops"], 3)
             rows[v]["fraction_of_peak_cpu"] = round(rows[v]["gflops_cpu"] / ref["gflops_cpu"], 3)

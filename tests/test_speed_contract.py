@@ -218,6 +218,18 @@ def test_fast_forward_equals_stepwise(name, kw, packed):
 
 
 @pytest.mark.parametrize("name", ["soft_attention", "updown"])
+def test_fast_forward_without_autograd_equals_with_it(name):
+    """Validation's loss runs under no_grad, where Up-Down takes its plain step."""
+    dec = make(name)
+    feats, inputs, targets = batch()
+    lengths = (targets != 0).sum(1)
+    with_grad, _ = dec(feats, inputs, lengths=lengths)
+    with torch.no_grad():
+        without, _ = dec(feats, inputs, lengths=lengths)
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["soft_attention", "updown"])
 def test_fast_forward_float64_is_exact(name):
     """In float64 the fast path and the step loop agree to rounding: same maths, reordered."""
     dec = make(name, alpha_c=1.0).double().train()
@@ -231,9 +243,10 @@ def test_fast_forward_float64_is_exact(name):
         torch.testing.assert_close(f[3][k], s[3][k], rtol=0, atol=1e-12, msg=k)
 
 
-def test_fast_forward_second_backward_through_retained_graph():
+@pytest.mark.parametrize("name", ["soft_attention", "updown"])
+def test_fast_forward_second_backward_through_retained_graph(name):
     """The gradient buffers of the hand-written backward start from zero on every backward."""
-    dec = make().train()
+    dec = make(name).train()
     feats, inputs, targets = batch()
     logits, _ = dec(feats, inputs, lengths=(targets != 0).sum(1))
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)
@@ -246,8 +259,9 @@ def test_fast_forward_second_backward_through_retained_graph():
             torch.testing.assert_close(p.grad, first[k], rtol=0, atol=0, msg=k)
 
 
-def test_fast_forward_all_full_length_and_single_row():
-    dec = make().train()
+@pytest.mark.parametrize("name", ["soft_attention", "updown"])
+def test_fast_forward_all_full_length_and_single_row(name):
+    dec = make(name).train()
     for lengths in [(9, 9, 9), (4,)]:
         feats, inputs, targets = batch(B=len(lengths), lengths=lengths)
         n = torch.tensor(lengths)

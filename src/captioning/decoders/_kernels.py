@@ -1,11 +1,12 @@
-"""Hand-written autograd kernels of soft attention's teacher-forced loop (CPU-minded).
+"""Hand-written autograd kernels of the attention decoders' teacher-forced loops (CPU-minded).
 
 Autograd gives every step of the loop its own weight-gradient matmul over the step's b rows
 (thin, 2-3x slower per FLOP here than one matmul over all P rows) plus an add into the running
 sum, and a zero-filled full-size gradient for every tensor a step reads a slice of. Here the
 steps leave their part of those gradients in a stash, and a `Sink` placed before the loop turns
-the stash into the gradient once all steps are done. `SoftAttentionDecoder.forward` is the one
-user; `tests/test_speed_contract.py` holds them to the step-by-step loss and gradients.
+the stash into the gradient once all steps are done. The fast `forward`s of soft attention and
+Up-Down use them; `tests/test_speed_contract.py` holds them to the step-by-step loss and
+gradients.
 
 Letters: b rows of a step, N image regions, A attention width, H hidden width, P packed rows.
 """
@@ -150,6 +151,55 @@ def attention_energies(feats_proj: Tensor, w: Tensor, bias: Tensor) -> Callable[
 
     (proj,) = Sink.apply(collect, feats_proj)
     return lambda d: Energies.apply(proj, d, w, bias, buf)
+
+
+class Context(torch.autograd.Function):
+    """The attended feature alpha @ feats[:b] (b, D), the gradient of feats[:b] added in place.
+
+    For region features that need a gradient (Up-Down's embedded regions): autograd would give
+    each step a zero-filled gradient of the whole (B, N, D) tensor for its slice, and an add of
+    it into the running sum; here each step adds its rows' part into one buffer that a `Sink`
+    hands on.
+    """
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, alpha: Tensor, buf: Tensor):
+        # feats (B, N, D), alpha (b, N), buf (B, N, D)
+        f = feats[: alpha.size(0)]
+        ctx.save_for_backward(f, alpha)
+        ctx.buf = buf
+        return torch.bmm(alpha.unsqueeze(1).to(f.dtype), f).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        f, alpha = ctx.saved_tensors  # (b, N, D), (b, N)
+        buf = ctx.buf[: alpha.size(0)]
+        g = grad.to(buf.dtype).unsqueeze(1)  # (b, 1, D)
+        buf.baddbmm_(alpha.to(buf.dtype).unsqueeze(2), g)  # += alpha_n * grad, (b, N, D)
+        return None, torch.bmm(f, grad.to(f.dtype).unsqueeze(2)).squeeze(2), None
+
+
+def attended(feats: Tensor) -> Callable[[Tensor], Tensor]:
+    """alpha (b, N) -> alpha @ feats[:b] (b, D) for every step; one gradient buffer for feats."""
+    buf = torch.zeros_like(feats)
+
+    def collect() -> tuple[Tensor]:
+        g = buf.clone()
+        buf.zero_()  # so that a second backward through a retained graph starts again
+        return (g,)
+
+    (f,) = Sink.apply(collect, feats)
+    return lambda alpha: Context.apply(f, alpha, buf)
+
+
+def ifog(w: Tensor) -> Tensor:
+    """An LSTM weight's (or bias's) gate rows from nn.LSTMCell's (i, f, g, o) to (i, f, o, g).
+
+    chunk rather than slicing: in backward, each slice of a weight would zero-fill a gradient
+    the size of the whole weight.
+    """
+    i, f, g, o = w.chunk(4)
+    return torch.cat([i, f, o, g])
 
 
 def lstm_ifog(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:

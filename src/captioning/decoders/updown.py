@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._kernels import fast_tanh
+from ._kernels import attended, attention_energies, deferred_linear, fast_tanh, ifog, lstm_ifog
 from .base import (
     DECODERS,
     Attention,
@@ -36,13 +36,6 @@ from .base import (
     memory_rows,
     unpack_steps,
 )
-
-
-def lstm_ifgo(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """`nn.LSTMCell`'s update from its gates (b, 4H), rows ordered (i, f, g, o)."""
-    i, f, g, o = gates.chunk(4, dim=1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 @DECODERS.register("updown")
@@ -122,25 +115,28 @@ class UpDownDecoder(Decoder):
 
     # -- teacher forcing, fast ---------------------------------------------------------------
     def _weights(self) -> tuple[Tensor, ...]:
-        """The step's linears grouped by what they read, each group one matmul.
+        """The step's linears grouped by what they read, each group one matmul, and both LSTMs'
+        gates reordered (i, f, o, g) so that one sigmoid call covers three of them.
 
         w_mean, w_emb, b_att: the v_mean and word parts of the attention LSTM's input weight,
         with both its biases (computed for all steps at once); w_h2 (8H, H): the attention
-        LSTM's h2 input and the language LSTM's weight_hh, which both read h2_{t-1};
-        w_h1 (A + 4H, H) and b_h1: decoder_att and the language LSTM's h1 input, which both
-        read h1_t, with the language LSTM's biases; w_ctx (4H, H): its v_hat input.
+        LSTM's h2 input and the language LSTM's weight_hh, which both read h2_{t-1}; w_hh1
+        (4H, H): the attention LSTM's weight_hh; w_h1 (A + 4H, H) and b_h1: decoder_att and the
+        language LSTM's h1 input, which both read h1_t, with the language LSTM's biases; w_ctx
+        (4H, H): its v_hat input.
         """
         H, E = self.hidden_dim, self.embed_dim
         att, lang = self.att_lstm, self.lang_lstm
         # split rather than slicing: in backward, each slice of a weight would zero-fill a
         # gradient the size of the whole weight.
-        w_att_h2, w_mean, w_emb = att.weight_ih.split([H, H, E], dim=1)
-        w_ctx, w_lang_h1 = lang.weight_ih.split([H, H], dim=1)
+        w_att_h2, w_mean, w_emb = ifog(att.weight_ih).split([H, H, E], dim=1)
+        w_ctx, w_lang_h1 = ifog(lang.weight_ih).split([H, H], dim=1)
         dec = self.attention.decoder_att
-        w_h2 = torch.cat([w_att_h2, lang.weight_hh])  # (8H, H)
+        w_h2 = torch.cat([w_att_h2, ifog(lang.weight_hh)])  # (8H, H)
         w_h1 = torch.cat([dec.weight, w_lang_h1])  # (A + 4H, H)
-        b_h1 = torch.cat([dec.bias, lang.bias_ih + lang.bias_hh])  # (A + 4H,)
-        return w_mean, w_emb, att.bias_ih + att.bias_hh, w_h2, w_h1, b_h1, w_ctx
+        b_h1 = torch.cat([dec.bias, ifog(lang.bias_ih + lang.bias_hh)])  # (A + 4H,)
+        b_att = ifog(att.bias_ih + att.bias_hh)
+        return w_mean, w_emb, b_att, w_h2, ifog(att.weight_hh), w_h1, b_h1, w_ctx
 
     def _cell(
         self,
@@ -152,19 +148,47 @@ class UpDownDecoder(Decoder):
         v: Tensor,
         v_proj: Tensor,
         w_h2: Tensor,
+        w_hh1: Tensor,
         w_h1: Tensor,
         b_h1: Tensor,
         w_ctx: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """One teacher-forced step for b rows; x_gates (b, 4H) is its step-independent part."""
+        """One teacher-forced step for b rows in plain ops (what `compile_step` compiles);
+        x_gates (b, 4H) is its step-independent part."""
         H = self.hidden_dim
         a2, l2 = F.linear(h2, w_h2).split([4 * H, 4 * H], dim=1)  # (b, 4H) each
-        h1, c1 = lstm_ifgo(x_gates + a2 + F.linear(h1, self.att_lstm.weight_hh), c1)
+        h1, c1 = lstm_ifog(x_gates + a2 + F.linear(h1, w_hh1), c1)
         d, l1 = F.linear(h1, w_h1, b_h1).split([w_h1.size(0) - 4 * H, 4 * H], dim=1)
         e = self.attention.full_att(fast_tanh(v_proj + d.unsqueeze(1))).squeeze(2)  # (b, N)
         alpha = e.softmax(dim=1)
         context = torch.bmm(alpha.unsqueeze(1), v).squeeze(1)  # (b, H)
-        h2, c2 = lstm_ifgo(l1 + l2 + F.linear(context, w_ctx), c2)
+        h2, c2 = lstm_ifog(l1 + l2 + F.linear(context, w_ctx), c2)
+        return h1, c1, h2, c2, alpha
+
+    @staticmethod
+    def _cell_eager(
+        h1: Tensor,
+        c1: Tensor,
+        h2: Tensor,
+        c2: Tensor,
+        x_gates: Tensor,
+        energies: Callable[[Tensor], Tensor],
+        attend: Callable[[Tensor], Tensor],
+        lin_h2: Callable[[Tensor], Tensor],
+        lin_hh1: Callable[[Tensor], Tensor],
+        lin_h1: Callable[[Tensor], Tensor],
+        lin_ctx: Callable[[Tensor], Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """`_cell` with the hand-written backward pieces of `_kernels`: weight gradients once
+        per batch (`deferred_linear`), the energies as one node (`attention_energies`), the
+        regions' gradient summed in place (`attended`)."""
+        H = c1.size(1)
+        a2, l2 = lin_h2(h2).split([4 * H, 4 * H], dim=1)  # (b, 4H) each
+        h1, c1 = lstm_ifog(x_gates + a2 + lin_hh1(h1), c1)
+        dl = lin_h1(h1)  # (b, A + 4H)
+        d, l1 = dl.split([dl.size(1) - 4 * H, 4 * H], dim=1)
+        alpha = energies(d).softmax(dim=1)  # (b, N)
+        h2, c2 = lstm_ifog(l1 + l2 + lin_ctx(attend(alpha)), c2)
         return h1, c1, h2, c2, alpha
 
     _cell_fn: Callable | None = None  # set by compile_step; a function, so not in the state dict
@@ -192,7 +216,7 @@ class UpDownDecoder(Decoder):
             inputs = inputs.index_select(0, order)
             alive = lengths.index_select(0, order).unsqueeze(0) > steps.unsqueeze(1)  # (T, B)
         sizes = [n for n in alive.sum(1).tolist() if n > 0]  # b_t: rows [b_t:] have ended
-        w_mean, w_emb, b_att, w_h2, w_h1, b_h1, w_ctx = self._weights()
+        w_mean, w_emb, b_att, w_h2, w_hh1, w_h1, b_h1, w_ctx = self._weights()
         memory = self.prepare(feats)  # once per image: (B / G, N, H), (B / G, N, A), (B / G, H)
         rows = memory_rows(feats.size(0), group, order, inputs.device)
         if rows is not None:
@@ -204,12 +228,28 @@ class UpDownDecoder(Decoder):
         emb = self.dropout(self.embedding(inputs.t()[alive]))  # (P, E)
         mean_gates = F.linear(v_mean, w_mean, b_att)  # (B, 4H), once per row
         x_gates = torch.addmm(mean_gates.index_select(0, rows), emb, w_emb.t()).split(sizes)
+        # Training runs the hand-written backward pieces; without autograd (validation loss)
+        # or compiled, the plain step.
+        eager = self._cell_fn is None and torch.is_grad_enabled()
+        if eager:
+            full_att = self.attention.full_att
+            kernels = (
+                attention_energies(v_proj, full_att.weight, full_att.bias),
+                attended(v),
+                deferred_linear(w_h2),
+                deferred_linear(w_hh1),
+                deferred_linear(w_h1, b_h1),
+                deferred_linear(w_ctx),
+            )
         cell = self._cell if self._cell_fn is None else self._cell_fn
-        weights = w_h2, w_h1, b_h1, w_ctx
+        weights = w_h2, w_hh1, w_h1, b_h1, w_ctx
         hs, alphas = [], []
         for t, b in enumerate(sizes):
             state = h1[:b], c1[:b], h2[:b], c2[:b]
-            h1, c1, h2, c2, alpha = cell(*state, x_gates[t], v[:b], v_proj[:b], *weights)
+            if eager:
+                h1, c1, h2, c2, alpha = self._cell_eager(*state, x_gates[t], *kernels)
+            else:
+                h1, c1, h2, c2, alpha = cell(*state, x_gates[t], v[:b], v_proj[:b], *weights)
             hs.append(h2)
             alphas.append(alpha)
         logits = self.fc(self.dropout(torch.cat(hs)))  # (P, V): the output layer once
