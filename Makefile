@@ -50,6 +50,7 @@ bench: $(STAMP)            ## speed and memory benchmarks (CPU; GPU when there i
 	$(BIN)/python benchmarks/roofline.py --threads 1,2
 	BENCH_CKPT=$(CKPT) $(BIN)/python benchmarks/beam_search.py --beams 3,5 --threads 1,2
 	$(BIN)/python benchmarks/train_step.py --bf16 --curve 200
+	$(BIN)/python benchmarks/train_step.py --decoder updown --name train_step_updown
 	$(BIN)/python benchmarks/scst_step.py
 	$(BIN)/python benchmarks/memory.py --size flickr8k
 	$(BIN)/python benchmarks/memory.py --size flickr8k --malloc-fix

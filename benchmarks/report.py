@@ -182,18 +182,20 @@ def beam_tables(lines: list[str]) -> None:
     lines += ["", f"`{r['command']}`", ""]
 
 
-def train_table(lines: list[str]) -> None:
-    r = load("train_step")
+def train_table(lines: list[str], name: str = "train_step") -> None:
+    r = load(name)
     if not r:
         return
     threads = r.get("threads", r["hardware"]["torch_threads"])
+    decoder = r["decoder"].get("name", "soft_attention")
+    flops = r.get("gflop_per_step")
     lines += [
-        "### Training step from cached features (`benchmarks/train_step.py`)",
+        f"### Training step from cached features, {decoder} (`benchmarks/train_step.py`)",
         "",
         f"Machine: {machine(r)}; {threads} thread(s). Batch {r['batch']}; captions: "
         f"{r['captions']} (real targets {r['real_target_fraction']:.0%} of the padded batch); "
-        f"{r['gflop_per_step']} GFLOP per step (forward + backward). One step = forward, loss, "
-        "backward, AdamW.",
+        + (f"{flops} GFLOP per step (forward + backward). " if flops else "")
+        + "One step = forward, loss, backward, AdamW.",
         "",
         "| variant | captions/s wall (cpu) | GFLOP/s (fraction of peak); per CPU second | vs "
         "stepwise wall (cpu) | loss vs stepwise, fp32 | load |",
@@ -205,7 +207,7 @@ def train_table(lines: list[str]) -> None:
         diff = eq.get(v.replace(" bf16", "").replace(" compiled", ""), {}).get("loss_diff")
         diff_s = "-" if v == "stepwise" or diff is None or " bf16" in v else f"{diff:.1e}"
         lines.append(
-            f"| {v} | {x['captions_per_s_wall']} ({x['captions_per_s_cpu']}) | {x['gflops']} "
+            f"| {v} | {x['captions_per_s_wall']} ({x['captions_per_s_cpu']}) | {x.get('gflops', '-')} "
             f"({pct(x.get('fraction_of_peak'))}); {x.get('gflops_cpu', '-')} "
             f"({pct(x.get('fraction_of_peak_cpu'))}) | **{x['speedup_wall']}x** "
             f"({x['speedup_cpu']}x) "
@@ -229,6 +231,34 @@ def train_table(lines: list[str]) -> None:
     elif c:
         lines += ["", f"Loss curves: {c['skipped']}."]
     lines += ["", f"`{r['command']}`", ""]
+
+
+def scst_table(lines: list[str]) -> None:
+    r = load("scst_step")
+    if not r:
+        return
+    lines += [
+        "### Self-critical gradient pass (`benchmarks/scst_step.py`)",
+        "",
+        f"Machine: {machine(r)}; {r['threads']} thread(s). {r['images']} images x "
+        f"{r['samples']} sampled captions (experiment=flickr8k_scst's batch), random weights "
+        "of the flickr8k experiments' sizes, captions of Flickr8k-like lengths. Grouped: each "
+        "image's regions prepared once for its samples (`forward(..., group=5)`); copied: "
+        "once per sample on copied features. Sampling: the batch's sampling pass (random "
+        "weights sample to the length limit: longer than a trained model's).",
+        "",
+        "| decoder | gradient pass, grouped (ms wall) | copied (ms wall) | grouped vs copied | "
+        "sampling (ms wall) | load before / after |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, d in r["decoders"].items():
+        t = d["times"]
+        lines.append(
+            f"| {name} | {t['grouped']['wall_s'] * 1e3:.0f} | {t['copied']['wall_s'] * 1e3:.0f} "
+            f"| **{d['speedup']:.2f}x** | {t['sampling']['wall_s'] * 1e3:.0f} | "
+            f"{r['load_before']} / {r['load_after']} |"
+        )
+    lines += ["", f"`python benchmarks/scst_step.py --threads {r['threads']}`", ""]
 
 
 def memory_table(lines: list[str]) -> None:
@@ -339,6 +369,8 @@ def tables() -> list[str]:
     roofline_table(lines)
     beam_tables(lines)
     train_table(lines)
+    train_table(lines, "train_step_updown")
+    scst_table(lines)
     memory_table(lines)
     app_table(lines)
     gpu_table(lines)
