@@ -384,6 +384,7 @@ def generate(
 
 
 @torch.no_grad()
+@torch.no_grad()  # the samples are words: nothing to differentiate, no graph to keep
 def sample(
     decoder: Decoder,
     feats: Tensor,

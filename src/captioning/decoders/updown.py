@@ -100,9 +100,16 @@ class UpDownDecoder(Decoder):
         return self._advance(tokens, state, v_mean, lambda h1: self.attention(v, v_proj, h1))
 
     def step_grouped(self, tokens: Tensor, state: State, memory: Memory, group: Group):
-        """`step` with the beams of an image attending to its one copy of the regions."""
+        """`step` with the beams of an image attending to its one copy of the regions.
+
+        Decoding (no autograd, eval mode: beam search, self-critical sampling) takes
+        `_decode_step`: the same step on regrouped weights, the v_mean part of the gates once
+        per image; otherwise the declared modules run.
+        """
         v, v_proj, v_mean = memory
         counts = torch.tensor(group, device=tokens.device) if isinstance(group, list) else group
+        if not (torch.is_grad_enabled() or self.training):
+            return self._decode_step(tokens, state, memory, group, counts)
         v_mean = v_mean.repeat_interleave(counts, dim=0)  # (R, H): small, so copied
 
         def attend(h1: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,6 +119,42 @@ class UpDownDecoder(Decoder):
             return context, alpha
 
         return self._advance(tokens, state, v_mean, attend)
+
+    _decode_cache: tuple | None = None  # (key, tensors): derived weights, not in state dict
+
+    def _decode_weights(self) -> tuple[Tensor, ...]:
+        """`_weights` and the output layer padded with zero rows to a multiple of 16 words (MKL's
+        matmul runs faster with 2544 output columns than with 2543), recomputed only when a
+        parameter changes (self-critical training changes them every batch, while a batch's
+        sampling takes one step per word)."""
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        if self._decode_cache is None or self._decode_cache[0] != key:
+            with torch.no_grad():
+                fc = self.fc
+                pad = -fc.out_features % 16
+                fc_w = torch.cat([fc.weight, fc.weight.new_zeros(pad, fc.in_features)])
+                fc_b = torch.cat([fc.bias, fc.bias.new_zeros(pad)])
+                self._decode_cache = (key, (*self._weights(), fc_w, fc_b))
+        return self._decode_cache[1]
+
+    def _decode_step(
+        self, tokens: Tensor, state: State, memory: Memory, group: Group, counts: Tensor | int
+    ):
+        """`step_grouped` without autograd: five matmuls on the R state rows, gates in (i, f,
+        o, g) order, the v_mean part of the attention LSTM's gates once per image."""
+        v, v_proj, v_mean = memory
+        w_mean, w_emb, b_att, w_h2, w_hh1, w_h1, b_h1, w_ctx, fc_w, fc_b = self._decode_weights()
+        H = self.hidden_dim
+        h1, c1, h2, c2 = state  # (R, H) each
+        a2, l2 = F.linear(h2, w_h2).split([4 * H, 4 * H], dim=1)  # (R, 4H) each
+        mean_gates = F.linear(v_mean, w_mean, b_att).repeat_interleave(counts, dim=0)  # (R, 4H)
+        gates = torch.addmm(mean_gates + a2, self.embedding(tokens), w_emb.t())
+        h1, c1 = lstm_ifog(gates.addmm_(h1, w_hh1.t()), c1)
+        d, l1 = F.linear(h1, w_h1, b_h1).split([w_h1.size(0) - 4 * H, 4 * H], dim=1)
+        alpha, context = self.attention.grouped(v, v_proj, d, group)  # (R, N), (R, H)
+        h2, c2 = lstm_ifog(torch.addmm(l1 + l2, context, w_ctx.t()), c2)
+        logits = F.linear(h2, fc_w, fc_b)[:, : self.vocab_size]
+        return logits, (h1, c1, h2, c2), alpha
 
     # -- teacher forcing, fast ---------------------------------------------------------------
     def _weights(self) -> tuple[Tensor, ...]:
