@@ -30,6 +30,11 @@ FEATURES = CACHE / "features"
 # The flickr8k experiment's decoder (conf/experiment/flickr8k.yaml) on EfficientNet-Lite2's
 # 9x9x1280 map, with the vocabulary a Flickr8k run builds (2543 words with min_word_freq 5).
 FLICKR8K_DECODER = {"embed_dim": 512, "hidden_dim": 1024, "attention_dim": 512, "alpha_c": 1.0}
+# the decoders of experiment=flickr8k and experiment=flickr8k_updown, by name
+DECODER_SIZES = {
+    "soft_attention": FLICKR8K_DECODER,
+    "updown": {"embed_dim": 512, "hidden_dim": 1024, "attention_dim": 512, "alpha_c": 0.0},
+}
 FLICKR8K_VOCAB, LITE2_REGIONS, LITE2_DIM = 2543, 81, 1280
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 

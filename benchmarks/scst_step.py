@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import torch
 from common import (
-    FLICKR8K_DECODER,
+    DECODER_SIZES,
     FLICKR8K_VOCAB,
     LITE2_DIM,
     LITE2_REGIONS,
@@ -40,10 +40,6 @@ from captioning.scst import scst_loss, sequence_log_probs
 from captioning.vocab import Vocab
 
 IMAGES, SAMPLES = 16, 5  # experiment=flickr8k_scst's batch
-DECODERS = {
-    "soft_attention": FLICKR8K_DECODER,
-    "updown": {"embed_dim": 512, "hidden_dim": 1024, "attention_dim": 512, "alpha_c": 0.0},
-}
 
 
 def toy_vocab() -> Vocab:
@@ -110,7 +106,7 @@ def main() -> int:
     advantage = torch.randn(IMAGES * SAMPLES, generator=torch.Generator().manual_seed(1))
     result = {"hardware": hardware(), "threads": args.threads, "load_before": load_avg()}
     result.update(images=IMAGES, samples=SAMPLES, decoders={})
-    for name, sizes in DECODERS.items():
+    for name, sizes in DECODER_SIZES.items():
         torch.manual_seed(0)
         dec = build_decoder(name, FLICKR8K_VOCAB, LITE2_DIM, dropout=0.5, **sizes).eval()
         times = bench(dec, feats, tokens, advantage, vocab, args.rounds)

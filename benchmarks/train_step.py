@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from common import (
     CACHE,
-    FLICKR8K_DECODER,
+    DECODER_SIZES,
     FLICKR8K_VOCAB,
     LITE2_DIM,
     LITE2_REGIONS,
@@ -56,12 +56,6 @@ from roofline import peaks
 
 from captioning.decoders import build_decoder
 from captioning.flops import DecoderSizes, train_flops
-
-# the decoders of experiment=flickr8k and experiment=flickr8k_updown
-DECODER_SIZES = {
-    "soft_attention": FLICKR8K_DECODER,
-    "updown": {"embed_dim": 512, "hidden_dim": 1024, "attention_dim": 512, "alpha_c": 0.0},
-}
 
 
 def flickr8k_captions() -> tuple[list[list[int]], int, str]:
