@@ -116,12 +116,13 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3) -> dict[str,
     }
 
 
-def flickr8k_test() -> dict[str, Any] | None:
+def flickr8k_test(encoder: str | None = None) -> dict[str, Any] | None:
     """Flickr8k's 1000 test images as the cache holds them: features (M, N, D), references.
 
     From CACHE (CAPTIONING_CACHE or outputs/cache): the converted dataset (flickr8k-*) for the
     test split's image ids and reference captions, and the feature cache directory whose image
-    ids are exactly those (the val split also has 1000 images). None when either is missing.
+    ids are exactly those (the val split also has 1000 images), of `encoder` when named (the
+    cache directories start with the encoder's name). None when either is missing.
     """
     import numpy as np
 
@@ -136,7 +137,7 @@ def flickr8k_test() -> dict[str, Any] | None:
             continue
     else:
         return None
-    for d in sorted(glob.glob(str(FEATURES / "*"))):
+    for d in sorted(glob.glob(str(FEATURES / (f"{encoder}-*" if encoder else "*")))):
         ids_file = Path(d) / "image_ids.json"
         if not (ids_file.is_file() and (Path(d) / "features.npy").is_file()):
             continue

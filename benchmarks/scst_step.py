@@ -13,7 +13,14 @@ the sampling pass for scale, on random 9x9x1280 features and random weights of t
 experiments' sizes (speed does not depend on the weights), sampled captions replaced by random
 words with Flickr8k-like lengths (a random decoder's samples run to the length limit). Before
 timing, the two variants' log-probabilities and gradients are checked against each other.
-Writes outputs/bench/scst_step.json.
+
+With `--checkpoint`, the sampling pass is also timed as training runs it: that checkpoint's
+decoder on cached Flickr8k test features (16 images a batch, 5 samples each), with rows leaving
+the batch as their samples end (`sample(compact=True)`, the default) and with every row stepping
+until the batch's last sample ends (`compact=False`). Both draw the same captions from the same
+seed (checked). Writes outputs/bench/scst_step.json.
+
+    python benchmarks/scst_step.py --threads 1 --checkpoint outputs/flickr8k/updown_ce/checkpoints/epoch008.ckpt
 """
 
 from __future__ import annotations
@@ -91,10 +98,49 @@ def bench(
     return interleaved({**fns, "sampling": sampling}, rounds=rounds)
 
 
+def bench_trained_sampling(ckpt: str, batches: int, rounds: int) -> dict:
+    """Sampling with a trained decoder on real features: compact vs every row to the end."""
+    from common import flickr8k_test
+
+    from captioning.inference import load_model
+
+    cm = load_model(ckpt)
+    dec, vocab = cm.model.decoder.eval(), cm.vocab
+    test = flickr8k_test(encoder=cm.meta["encoder"]["name"])
+    if test is None:
+        raise SystemExit(f"no cached Flickr8k test features of {cm.meta['encoder']['name']}")
+    feats = test["feats"][: batches * IMAGES].split(IMAGES)
+    kw = dict(num_samples=SAMPLES, start_id=vocab.start_id, end_id=vocab.end_id,
+              pad_id=vocab.pad_id, max_len=vocab.max_len, banned=vocab.banned())  # fmt: skip
+
+    def run(compact: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return [sample(dec, f, compact=compact, **kw) for f in feats]
+
+    a, b = run(True), run(False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), "compact changed a draw"
+    lengths = torch.cat([(t != vocab.pad_id).sum(1) for t in a])  # words + <end>
+    full_rows = sum(t.numel() for t in a)  # every row to its batch's longest sample
+    times = interleaved({"compact": lambda: run(True), "full": lambda: run(False)}, rounds)
+    return {
+        "checkpoint": ckpt,
+        "features": test["description"],
+        "batches": batches,
+        "mean_sample_words": float(lengths.float().mean()) - 1,
+        "row_steps_compact": int(lengths.sum()),
+        "row_steps_full": full_rows,
+        "times": times,
+        "speedup": times["full"]["wall_s"] / times["compact"]["wall_s"],
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--checkpoint", help="also time sampling with this checkpoint's decoder")
+    ap.add_argument("--batches", type=int, default=8, help="with --checkpoint: batches timed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     vocab = toy_vocab()
@@ -116,6 +162,16 @@ def main() -> int:
             f"{name:15s} gradient pass: grouped {g * 1e3:7.1f} ms  copied {c * 1e3:7.1f} ms  "
             f"({c / g:.2f}x)   sampling {times['sampling']['wall_s'] * 1e3:7.1f} ms "
             f"(random weights: samples to the length limit)"
+        )
+    if args.checkpoint:
+        r = bench_trained_sampling(args.checkpoint, args.batches, args.rounds)
+        result["trained_sampling"] = r
+        c, f = r["times"]["compact"]["wall_s"], r["times"]["full"]["wall_s"]
+        print(
+            f"sampling, {r['checkpoint']}: {args.batches} batches, mean {r['mean_sample_words']:.1f}"
+            f" words; rows leave as they end {c / args.batches * 1e3:.0f} ms a batch, every row to"
+            f" the end {f / args.batches * 1e3:.0f} ms ({f / c:.2f}x; row-steps"
+            f" {r['row_steps_compact']} vs {r['row_steps_full']})"
         )
     result["load_after"] = load_avg()
     print(f"load average before/after: {result['load_before']} / {result['load_after']}")

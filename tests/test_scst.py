@@ -110,6 +110,25 @@ def test_samples_follow_the_decoder_distribution_and_end_properly():
         assert n <= 4 and all(t == pad for t in row[n + 1 :]) and pad not in row[:n]
 
 
+@pytest.mark.parametrize("name", list_decoders())
+def test_rows_that_leave_the_batch_change_no_draw(name):
+    """sample(compact=True) steps only the samples still going; with the same seed it draws
+    what stepping every row to the batch's last word draws (state rows stay with their
+    images as others leave)."""
+    torch.manual_seed(0)
+    vocab = toy_vocab()
+    dec = build_decoder(name, len(vocab), 12, embed_dim=8, hidden_dim=16).eval()
+    feats = torch.randn(7, 5, 12)
+    kw = dict(num_samples=4, start_id=vocab.start_id, end_id=vocab.end_id, pad_id=vocab.pad_id)
+    draws = []
+    for compact in (True, False):
+        torch.manual_seed(3)
+        draws.append(sample(dec, feats, max_len=12, banned=vocab.banned(), compact=compact, **kw))
+    lengths = (draws[0] != vocab.pad_id).sum(1)
+    assert lengths.min() < lengths.max() - 2  # rows did leave the batch early
+    assert torch.equal(draws[0], draws[1])
+
+
 @pytest.mark.parametrize("samples", [1, 3])
 @pytest.mark.parametrize("name", list_decoders())
 def test_sequence_log_probs_equal_the_stepwise_log_probs(name, samples):

@@ -396,31 +396,55 @@ def sample(
     max_len: int = 20,
     temperature: float = 1.0,
     banned: tuple[int, ...] = (),
+    compact: bool = True,
 ) -> Tensor:
     """Draw `num_samples` captions per image from the decoder (self-critical training).
 
     Returns tokens (B * S, L): the S samples of image b are rows b*S .. b*S+S-1, each its words
     then <end> then <pad>; at most `max_len` words, then <end> (as in greedy search). The samples
     of an image share its memory (`Decoder.step_grouped`), as beams do.
+
+    With `compact`, a sample that has ended leaves the batch: the next steps run only the rows
+    still sampling (a batch's longest sample is about twice its mean, so the full batch would
+    compute about half its rows for nothing). Each step draws by the Gumbel-max trick, with
+    noise drawn for every row whether it still samples or not, so `compact=False` (every row steps
+    until the last one ends) draws the same captions from the same seed.
     """
     if num_samples < 1 or temperature <= 0:
         raise ValueError("num_samples must be >= 1 and temperature > 0")
     B, S = feats.size(0), num_samples
     memory = decoder.prepare(feats)
     state = tuple(s.repeat_interleave(S, dim=0) for s in decoder.init_state(memory))  # (BS, ..)
+    image_of = torch.arange(B, device=feats.device).repeat_interleave(S)  # (BS,)
+    rows = torch.arange(B * S, device=feats.device)  # the rows still sampling, in image order
     tokens = torch.full((B * S,), start_id, dtype=torch.long, device=feats.device)
-    done = torch.zeros(B * S, dtype=torch.bool, device=feats.device)
+    group: int | list[int] = S
+    done = torch.zeros(B * S, dtype=torch.bool, device=feats.device)  # without compact
     out = []
     for t in range(max_len + 1):
-        logits, state, _ = decoder.step_grouped(tokens, state, memory, S)
+        logits, state, _ = decoder.step_grouped(tokens, state, memory, group)  # (R, V)
         if t == max_len:  # the longest caption allowed: only <end> may follow
             tokens = torch.full_like(tokens, end_id)
         else:
-            logp = _ban((logits.float() / temperature).log_softmax(dim=-1), banned)  # (BS, V)
-            tokens = torch.multinomial(logp.exp(), 1).squeeze(1)
-        tokens = tokens.masked_fill(done, pad_id)
-        out.append(tokens)
-        done = done | (tokens == end_id)
-        if bool(done.all()):
+            scores = _ban(logits.float() / temperature, banned)  # (R, V)
+            # argmax(scores + Gumbel noise) is a draw from softmax(scores); -log(Exp(1)) is
+            # Gumbel noise
+            noise = torch.empty(B * S, scores.size(1), device=scores.device).exponential_()
+            tokens = (scores - noise.index_select(0, rows).log()).argmax(dim=-1)
+        if not compact:  # ended rows go on stepping; what they draw is dropped
+            tokens = tokens.masked_fill(done, pad_id)
+        row_tokens = torch.full((B * S,), pad_id, dtype=torch.long, device=feats.device)
+        out.append(row_tokens.index_put_((rows,), tokens))
+        ended = tokens == end_id
+        if not compact:
+            done = done | ended
+            if bool(done.all()):
+                break
+        elif bool(ended.all()):
             break
+        elif bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            rows, tokens = rows.index_select(0, keep), tokens.index_select(0, keep)
+            state = _select(state, keep)
+            group = torch.bincount(image_of.index_select(0, rows), minlength=B).tolist()
     return torch.stack(out, 1)  # (BS, L)
