@@ -3,6 +3,7 @@ the test scores once, and none of the known third-party noise."""
 
 import sys
 import warnings
+from types import SimpleNamespace
 
 from lightning.pytorch.callbacks import RichProgressBar
 
@@ -18,6 +19,27 @@ def test_a_terminal_gets_the_live_bar_a_file_gets_lines():
     assert isinstance(progress_bar(tty=True), RichProgressBar)
     lines = progress_bar(every_n_steps=7, tty=False)
     assert isinstance(lines, LineProgress) and lines.every_n_steps == 7
+
+
+def test_a_run_resumed_mid_epoch_gets_its_true_speed(monkeypatch, capsys):
+    """Resumed at batch 59 of 375 (Lightning calls no on_train_epoch_start then), after a
+    long-running process clock: the rate counts from the first batch this process ran."""
+
+    class Lines(LineProgress):
+        total_train_batches = 375
+
+        def get_metrics(self, trainer, pl_module):
+            return {}
+
+    now = [10_000.0]  # perf_counter, 10,000 s into the process; a batch takes 5 s
+    monkeypatch.setattr("captioning.training.callbacks.time.perf_counter", lambda: now[0])
+    bar, trainer = Lines(every_n_steps=50), SimpleNamespace(current_epoch=1, max_epochs=14)
+    for i in range(59, 100):
+        now[0] += 5
+        bar.on_train_batch_end(trainer, None, None, None, i)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("epoch 2/14  step 100/375")
+    assert "0.20 steps/s" in line and "epoch ends in 22:55" in line  # 275 steps at 5 s
 
 
 def test_no_progress_callback_when_bars_are_off(tmp_path):

@@ -52,7 +52,9 @@ class LineProgress(ProgressBar):
         self.every_n_steps = max(1, int(every_n_steps))
         self._enabled = True
         self._start = 0.0
-        self._first_batch = 0
+        # None: the next batch starts the clock. A run resumed mid-epoch gets no
+        # on_train_epoch_start, so this must hold from the start as well.
+        self._first_batch: int | None = None
 
     def disable(self) -> None:
         self._enabled = False
