@@ -340,6 +340,23 @@ def test_flip_resumed_mid_epoch_matches_uninterrupted_run(tmp_path, data_cache):
         assert torch.equal(torch.as_tensor(weights[k]), torch.as_tensor(v)), k
 
 
+def test_a_run_stopped_before_its_first_epoch_ended_keeps_one_last_checkpoint(tmp_path, data_cache):
+    """SIGTERM in the first epoch saves last.ckpt before any epoch-end checkpoint has named it.
+    The resumed run's epoch-end saves must overwrite that file, not go to last-v1.ckpt beside
+    it: resume=auto reads last.ckpt, so after a later kill it would resume from the older one."""
+    from captioning.training.guards import TrainingInterrupted
+
+    run, args = tmp_path / "run", ["encoder.fine_tune=none", "test=false"]
+    with pytest.raises(TrainingInterrupted):
+        train_script.train(tiny(run, data_cache, *args, *kill_at("SIGTERM", 0, 2)))
+    train_script.train(tiny(run, data_cache, *args, "resume=auto"))
+    names = sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt"))
+    assert names == ["last.ckpt"]
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    assert last["epoch"] == max(int(r["epoch"]) for r in rows if r.get("val/bleu4"))  # the final
+
+
 def nan_loss_at(monkeypatch, step: int) -> list[int]:
     """Make the training loss NaN at one global step; returns the steps it was called at."""
     from captioning.training.lit_module import CaptioningModule

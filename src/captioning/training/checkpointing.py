@@ -22,6 +22,14 @@ class FiniteModelCheckpoint(ModelCheckpoint):
     the worst score, but still saves it as the best when nothing else is saved yet), and whose
     last.ckpt is refreshed at the end of every epoch."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # One file per name, overwritten: last.ckpt is the file SIGTERM saves and resume=auto
+        # reads. With Lightning's version counter, a run resumed from a checkpoint saved before
+        # any epoch ended (the callback has no last_model_path yet) writes its epoch-end
+        # checkpoints to last-v1.ckpt beside it, and a later kill would resume from the older.
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
         if current is not None and not bool(torch.isfinite(current).all()):
             return False
