@@ -100,7 +100,7 @@ def bench(
 
 def bench_trained_sampling(ckpt: str, batches: int, rounds: int) -> dict:
     """Sampling with a trained decoder on real features: compact vs every row to the end."""
-    from common import flickr8k_test
+    from common import ROOT, flickr8k_test
 
     from captioning.inference import load_model
 
@@ -125,7 +125,7 @@ def bench_trained_sampling(ckpt: str, batches: int, rounds: int) -> dict:
     times = interleaved({"compact": lambda: run(True), "full": lambda: run(False)}, rounds)
     return {
         "checkpoint": ckpt,
-        "features": test["description"],
+        "features": test["description"].replace(f"{ROOT}/", ""),
         "batches": batches,
         "mean_sample_words": float(lengths.float().mean()) - 1,
         "row_steps_compact": int(lengths.sum()),
