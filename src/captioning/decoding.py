@@ -405,8 +405,8 @@ def sample(
     of an image share its memory (`Decoder.step_grouped`), as beams do.
 
     With `compact`, a sample that has ended leaves the batch: the next steps run only the rows
-    still sampling (a batch's longest sample is about twice its mean, so the full batch would
-    compute about half its rows for nothing). Each step draws by the Gumbel-max trick, with
+    still sampling (a batch's longest sample runs far past its mean, so the full batch would
+    spend about a third of its row-steps on samples already ended). Each step draws by the Gumbel-max trick, with
     noise drawn for every row whether it still samples or not, so `compact=False` (every row steps
     until the last one ends) draws the same captions from the same seed.
     """
