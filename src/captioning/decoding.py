@@ -383,7 +383,6 @@ def generate(
     )
 
 
-@torch.no_grad()
 @torch.no_grad()  # the samples are words: nothing to differentiate, no graph to keep
 def sample(
     decoder: Decoder,
