@@ -2,7 +2,7 @@
 
 import pytest
 
-from captioning.evaluation import caption_stats
+from captioning.evaluation import caption_stats, overall
 
 
 def test_caption_stats_count_what_the_scores_miss():
@@ -55,6 +55,15 @@ def test_report_opens_with_the_scores_and_the_decoding(tmp_path_factory, data_ca
     assert table[0] == "| BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D |"
     assert f"{scores['BLEU-4']:.4f}" in table[1] and "n/a" in table[1]  # METEOR was off
     assert "words on average" in head
+
+
+def test_report_head_names_every_decoding_setting_that_changes_captions():
+    scores = {"BLEU-4": 0.25, "CIDEr": 0.6}
+    plain = overall(scores, {"beam_size": 5, "length_penalty": 0.4}, "test", 1000)[0]
+    assert plain == "Split `test`, 1000 images; decoding: beam 5, length penalty 0.4."
+    blocked = {"beam_size": 1, "no_repeat_ngram": 2, "max_len": 16}
+    head = overall(scores, blocked, "val", 10)[0]
+    assert head == "Split `val`, 10 images; decoding: greedy, at most 16 words, no repeated 2-gram."
 
 
 def test_rank_examples_with_none_asked_shows_none():

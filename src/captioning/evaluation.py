@@ -95,6 +95,8 @@ def overall(
     how = "greedy" if beam == 1 else f"beam {beam}, length penalty {decode.get('length_penalty')}"
     if decode.get("max_len"):
         how += f", at most {decode['max_len']} words"
+    if decode.get("no_repeat_ngram"):
+        how += f", no repeated {decode['no_repeat_ngram']}-gram"
     lines = [
         f"Split `{split}`, {images} images; decoding: {how}.",
         "",
